@@ -1,0 +1,238 @@
+"""Structured Jacobians: Dense and Embedding parameters as ``J = x ⊗ δ`` (no per-parameter rows).
+
+A parameter ``W`` used once, as one operand of a ``dot_general`` (Dense, DenseGeneral, attention
+projections, any ``x @ W``) or as the table of an embedding ``gather``, has the Jacobian
+``∂z_r/∂W = Σ_s x_s ⊗ δ_{r,s}`` where ``x_s`` is the other operand at site position ``s`` and
+``δ_{r,s} = ∂z_r/∂y_s`` the cotangent of the layer's output. So
+``K_W[r_o, r_u] = Σ_{s,s'} ⟨x_o,s, x_u,s'⟩ ⟨δ_o,r_o,s, δ_u,r_u,s'⟩`` needs only activations and
+output cotangents — the idea of neural-tangents' structured derivatives. The sites are found by
+reading the model's jaxpr, so nothing here knows which model it looks at; every other parameter
+(biases, norms, convolutions, tied weights, parameters inside scans or custom rules) falls back
+to its plain Jacobian rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+_CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint", "remat2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """One structured use of a parameter leaf.
+
+  Attributes:
+    leaf: index of the parameter leaf (tree_leaves order).
+    path: equation indices from the top jaxpr through inlined calls to the site.
+    kind: ``"dot"`` or ``"gather"``.
+    x_index: operand index of the activation (the non-parameter operand).
+    x_perm: permutation of the activation's axes to ``(free..., contracting...)``.
+    n_x_free: number of free (site-position) axes of the activation.
+    out_perm: permutation of the output's axes to ``(activation-free..., parameter-free...)``.
+    vocab: table size for ``"gather"`` sites (the one-hot width), else 0.
+  """
+  leaf: int
+  path: tuple
+  kind: str
+  x_index: int
+  x_perm: tuple
+  n_x_free: int
+  out_perm: tuple
+  vocab: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Which parameter leaves are structured (one site each) and which fall back to rows."""
+  sites: tuple
+  fallback: tuple
+  n_leaves: int
+
+  @property
+  def structured(self) -> tuple:
+    return tuple(s.leaf for s in self.sites)
+
+
+def _inner(eqn):
+  j = eqn.params.get("jaxpr", None)
+  if j is None:
+    return None, ()
+  if hasattr(j, "jaxpr"):  # ClosedJaxpr
+    return j.jaxpr, tuple(j.consts)
+  return j, ()
+
+
+def _is_var(v) -> bool:
+  return not isinstance(v, jcore.Literal)
+
+
+def _dot_site(eqn, k: int, leaf: int, path: tuple):
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  if lb or rb:
+    return None
+  x_index = 1 - k
+  x_aval = eqn.invars[x_index].aval
+  w_aval = eqn.invars[k].aval
+  x_con = tuple(lc if x_index == 0 else rc)
+  w_con = tuple(rc if x_index == 0 else lc)
+  x_free = tuple(d for d in range(x_aval.ndim) if d not in x_con)
+  w_free = tuple(d for d in range(w_aval.ndim) if d not in w_con)
+  nx, nw = len(x_free), len(w_free)
+  if x_index == 0:   # out = (x_free..., w_free...)
+    out_perm = tuple(range(nx + nw))
+  else:              # out = (w_free..., x_free...)
+    out_perm = tuple(range(nw, nw + nx)) + tuple(range(nw))
+  return Site(leaf, path, "dot", x_index, x_free + x_con, nx, out_perm)
+
+
+def _gather_site(eqn, leaf: int, path: tuple):
+  dn = eqn.params["dimension_numbers"]
+  op = eqn.invars[0].aval
+  idx = eqn.invars[1].aval
+  out = eqn.outvars[0].aval
+  if op.ndim != 2 or idx.shape[-1:] != (1,):
+    return None
+  if (tuple(dn.offset_dims) != (out.ndim - 1,) or tuple(dn.collapsed_slice_dims) != (0,)
+      or tuple(dn.start_index_map) != (0,)
+      or tuple(getattr(dn, "operand_batching_dims", ())) != ()
+      or tuple(eqn.params["slice_sizes"]) != (1, op.shape[1])):
+    return None
+  n_free = out.ndim - 1
+  return Site(leaf, path, "gather", 1, tuple(range(idx.ndim)), n_free,
+              tuple(range(out.ndim)), vocab=int(op.shape[0]))
+
+
+def _walk(jaxpr, alias: dict, path: tuple, uses: list, cands: dict) -> None:
+  for i, eqn in enumerate(jaxpr.eqns):
+    ins = [(k, alias[v]) for k, v in enumerate(eqn.invars) if _is_var(v) and v in alias]
+    if not ins:
+      continue
+    name = eqn.primitive.name
+    if name == "convert_element_type" and len(eqn.invars) == 1:
+      alias[eqn.outvars[0]] = ins[0][1]
+      continue
+    inner, _ = _inner(eqn) if name in _CALLS else (None, ())
+    if inner is not None:
+      inner_alias = {inner.invars[k]: leaf for k, leaf in ins}
+      _walk(inner, inner_alias, path + (i,), uses, cands)
+      for ov in inner.outvars:
+        if _is_var(ov) and ov in inner_alias:   # a parameter leaves the call: no structure
+          uses[inner_alias[ov]] += 2
+      continue
+    site = None
+    if name == "dot_general" and len(ins) == 1:
+      site = _dot_site(eqn, ins[0][0], ins[0][1], path + (i,))
+    elif name == "gather" and len(ins) == 1 and ins[0][0] == 0:
+      site = _gather_site(eqn, ins[0][1], path + (i,))
+    for _, leaf in ins:
+      uses[leaf] += 1
+    if site is not None:
+      cands.setdefault(site.leaf, []).append(site)
+  for ov in jaxpr.outvars:
+    if _is_var(ov) and ov in alias:
+      uses[alias[ov]] += 2
+
+
+def make_plan(closed_jaxpr, n_leaves: int, structured: bool = True) -> Plan:
+  """Reads a jaxpr whose first ``n_leaves`` inputs are the parameter leaves."""
+  if not structured:
+    return Plan((), tuple(range(n_leaves)), n_leaves)
+  jaxpr = closed_jaxpr.jaxpr
+  alias = {jaxpr.invars[i]: i for i in range(n_leaves)}
+  uses = [0] * n_leaves
+  cands: dict = {}
+  _walk(jaxpr, alias, (), uses, cands)
+  sites = tuple(cands[l][0] for l in range(n_leaves) if uses[l] == 1 and len(cands.get(l, ())) == 1)
+  done = {s.leaf for s in sites}
+  return Plan(sites, tuple(l for l in range(n_leaves) if l not in done), n_leaves)
+
+
+def _bind(eqn, invals):
+  bp = eqn.primitive.get_bind_params(eqn.params)
+  if isinstance(bp, tuple):  # older jax: (subfuns, params)
+    subfuns, bp = bp
+    return eqn.primitive.bind(*subfuns, *invals, **bp)
+  return eqn.primitive.bind(*invals, **bp)
+
+
+def _site_x(site: Site, invals) -> jax.Array:
+  x = invals[site.x_index]
+  if site.kind == "gather":
+    idx = x[..., 0]
+    oh = jax.nn.one_hot(idx, site.vocab, dtype=invals[0].dtype)
+    return oh.reshape(-1, site.vocab)
+  x = jnp.transpose(x, site.x_perm)
+  s = int(np.prod(x.shape[:site.n_x_free], dtype=np.int64))
+  return x.reshape(s, -1)
+
+
+def evaluate(closed_jaxpr, args: Sequence[Any], plan: Plan, eps: Sequence[jax.Array]):
+  """Evaluates the jaxpr adding ``eps[k]`` to site k's output; returns ``(outs, xs)``."""
+  site_at = {s.path: k for k, s in enumerate(plan.sites)}
+  inline = {s.path[:j] for s in plan.sites for j in range(1, len(s.path))}
+  xs: list = [None] * len(plan.sites)
+
+  def run(jaxpr, consts, vals, path):
+    env = {}
+    read = lambda v: v.val if not _is_var(v) else env[v]
+    for v, c in zip(jaxpr.constvars, consts):
+      env[v] = c
+    for v, a in zip(jaxpr.invars, vals):
+      env[v] = a
+    for i, eqn in enumerate(jaxpr.eqns):
+      p = path + (i,)
+      invals = [read(v) for v in eqn.invars]
+      if p in site_at:
+        k = site_at[p]
+        xs[k] = _site_x(plan.sites[k], invals)
+        outs = [_bind(eqn, invals) + eps[k]]
+      elif p in inline:
+        inner, consts_i = _inner(eqn)
+        outs = run(inner, consts_i, invals, p)
+      else:
+        outs = _bind(eqn, invals)
+        if not eqn.primitive.multiple_results:
+          outs = [outs]
+      for v, o in zip(eqn.outvars, outs):
+        env[v] = o
+    return [read(v) for v in jaxpr.outvars]
+
+  outs = run(closed_jaxpr.jaxpr, closed_jaxpr.consts, list(args), ())
+  return outs, xs
+
+
+def site_shapes(closed_jaxpr, plan: Plan) -> list:
+  """Output avals of each site (the shape of its ``eps``)."""
+  out = []
+  for s in plan.sites:
+    jaxpr = closed_jaxpr.jaxpr
+    for j in s.path[:-1]:
+      jaxpr, _ = _inner(jaxpr.eqns[j])
+    out.append(jaxpr.eqns[s.path[-1]].outvars[0].aval)
+  return out
+
+
+def site_dims(closed_jaxpr, plan: Plan) -> list:
+  """``(S, C, F)`` per site: site positions, activation width, output width."""
+  dims = []
+  for s, aval in zip(plan.sites, site_shapes(closed_jaxpr, plan)):
+    shp = [aval.shape[d] for d in s.out_perm]
+    S = int(np.prod(shp[:s.n_x_free], dtype=np.int64))
+    F = int(np.prod(shp[s.n_x_free:], dtype=np.int64))
+    jaxpr = closed_jaxpr.jaxpr
+    for j in s.path[:-1]:
+      jaxpr, _ = _inner(jaxpr.eqns[j])
+    xa = jaxpr.eqns[s.path[-1]].invars[s.x_index].aval
+    if s.kind == "gather":
+      C = s.vocab
+    else:
+      C = int(np.prod([xa.shape[d] for d in s.x_perm[s.n_x_free:]], dtype=np.int64))
+    dims.append((S, C, F))
+  return dims

@@ -1,0 +1,405 @@
+"""K(x_o, x_u) = ∇θz(x_o) ∇θz(x_u)ᵀ: exact empirical-NTK blocks of the logit network (PAPER.md §1–2).
+
+Three implementations compute the same unnormalised ``J_o J_uᵀ``:
+
+* ``"jacobian"``: Jacobian rows by ``jax.jacrev``, contracted over every parameter.
+* ``"vp"``: NTK-vector products — one VJP per row of ``x_u`` and a JVP through ``x_o``.
+* ``"structured"``: Dense/Embedding parameters as ``x ⊗ δ`` (see ``ldjax._structured``); the rest
+  falls back to Jacobian rows.
+* ``"auto"``: the cheapest of the three by a FLOP model (:func:`cost`).
+
+Reductions (none divides by V; neural-tangents' default ``trace_axes=(-1,)`` does):
+
+* ``"full"``: ``(N_o, N_u, V, V)``; sequences ``(N_o, N_u, M, L, V, V)``.
+* ``"diagonal"``: ``K[..., i, i]``, ``(N_o, N_u, V)`` / ``(N_o, N_u, M, L, V)``.
+* ``"trace"``: ``Σ_i K[..., i, i]``, ``(N_o, N_u)`` / ``(N_o, N_u, M, L)`` (the traced map).
+* ``"sum_logits"``: the pNTK ``(Σ_i ∇z_i)(Σ_j ∇z_j)ᵀ``, ``(N_o, N_u)`` / ``(N_o, N_u, M, L)``.
+
+Sequence models return ``(N, T, V)`` logits; ``mask_o (N_o, T)`` / ``mask_u (N_u, T)`` select the
+positions (response tokens): ``m`` indexes the m-th selected position of each example, ``M`` is
+the largest count, and entries past an example's count are zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldjax import _structured, _validate
+from ldjax.trainable import trainable_fn
+
+IMPLEMENTATIONS = ("jacobian", "vp", "structured")
+REDUCTIONS = ("full", "diagonal", "trace", "sum_logits")
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+
+
+# ----------------------------------------------------------------------------- per-example pieces
+
+def _example_fn(f, treedef):
+  """``f1(leaves, x1) -> (P, V)`` for one example ``x1`` (no batch axis)."""
+  def f1(leaves, x1):
+    out = f(jax.tree_util.tree_unflatten(treedef, leaves),
+            jax.tree_util.tree_map(lambda a: a[None], x1))[0]
+    return out.reshape(-1, out.shape[-1])
+  return f1
+
+
+def _rows(out, pos, valid, reduction):
+  """Selected output rows ``(M, V')`` of one example's ``(P, V)`` logits."""
+  r = out[pos] * valid[:, None].astype(out.dtype)
+  if reduction == "sum_logits":
+    r = jnp.sum(r, axis=-1, keepdims=True)
+  return r
+
+
+def _trace_example(apply_fn, variables, x, structured):
+  f, params = trainable_fn(apply_fn, variables)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  f1 = _example_fn(f, treedef)
+  x0 = jax.tree_util.tree_map(lambda a: a[0], x)
+  closed = jax.make_jaxpr(f1)(leaves, x0)
+  plan = _structured.make_plan(closed, len(leaves), structured)
+  return f1, leaves, closed, plan
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _features(apply_fn, structured, reduction, variables, x, pos, valid):
+  """Row features of a chunk of examples.
+
+  Returns ``(J, D, X)``: fallback Jacobian rows ``[(n, M, V', p)]``, site cotangents
+  ``[(n, M, V', S, F)]`` and site activations ``[(n, S, C)]``.
+  """
+  _, leaves, closed, plan = _trace_example(apply_fn, variables, x, structured)
+  shapes = _structured.site_shapes(closed, plan)
+  fb = plan.fallback
+
+  def per_example(x1, pos1, valid1):
+    xl = jax.tree_util.tree_leaves(x1)
+
+    def g(fb_vals, eps):
+      ls = list(leaves)
+      for k, l in enumerate(fb):
+        ls[l] = fb_vals[k]
+      outs, xs = _structured.evaluate(closed, ls + xl, plan, eps)
+      return _rows(outs[0], pos1, valid1, reduction), xs
+
+    eps0 = [jnp.zeros(a.shape, a.dtype) for a in shapes]
+    (J, D), xs = jax.jacrev(g, argnums=(0, 1), has_aux=True)([leaves[l] for l in fb], eps0)
+    J = [j.reshape(j.shape[:2] + (-1,)) for j in J]
+    Ds = []
+    for s, d in zip(plan.sites, D):
+      d = jnp.transpose(d, (0, 1) + tuple(2 + a for a in s.out_perm))
+      shp = d.shape[2:]
+      S = int(np.prod(shp[:s.n_x_free], dtype=np.int64))
+      Ds.append(d.reshape(d.shape[:2] + (S, -1)))
+    return J, Ds, xs
+
+  return jax.vmap(per_example)(x, pos, valid)
+
+
+def _site_orders(dims, n_o, n_u, m, l, vp, diag):
+  """Per site, ``"gram"`` (contract activations first) or ``"jac"`` (build x ⊗ δ), by FLOPs."""
+  orders = []
+  for S, C, F in dims:
+    out = m * l * vp * (1 if diag else vp)
+    gram = n_o * n_u * (S * S * C + S * S * l * vp * F + out * S * F)
+    jac = (n_o * m + n_u * l) * vp * S * C * F + n_o * n_u * out * C * F
+    orders.append("gram" if gram <= jac else "jac")
+  return tuple(orders)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _contract(reduction, orders, fo, fu):
+  """K block ``(n_o, n_u, M, L, V', V')`` (or ``(..., V')`` for the diagonal reductions)."""
+  Jo, Do, Xo = fo
+  Ju, Du, Xu = fu
+  diag = reduction in ("diagonal", "trace")
+  K = 0.0
+  for jo, ju in zip(Jo, Ju):
+    K = K + jnp.einsum("omip,ulip->oumli" if diag else "omip,uljp->oumlij", jo, ju)
+  for do, xo, du, xu, order in zip(Do, Xo, Du, Xu, orders):
+    if order == "gram":
+      X = jnp.einsum("osc,utc->oust", xo, xu)
+
+      def one(args, du=du):
+        x_o, d_o = args
+        Z = jnp.einsum("ust,uljtf->usljf", x_o, du)
+        return jnp.einsum("misf,uslif->umli" if diag else "misf,usljf->umlij", d_o, Z)
+
+      K = K + jax.lax.map(one, (X, do))
+    else:
+      jo = jnp.einsum("osc,omisf->omicf", xo, do)
+      ju = jnp.einsum("utc,ulitf->ulicf", xu, du)
+      K = K + jnp.einsum("omicf,ulicf->oumli" if diag else "omicf,uljcf->oumlij", jo, ju)
+  if reduction == "trace":
+    K = jnp.sum(K, axis=-1)
+  elif reduction == "sum_logits":
+    K = K[..., 0, 0]
+  return K
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _vp_block(apply_fn, reduction, variables, xo, pos_o, valid_o, xu, pos_u, valid_u):
+  """K block by NTK-vector products: a VJP per row of x_u, then one JVP over x_o."""
+  f, params = trainable_fn(apply_fn, variables)
+
+  def rows(p, x, pos, valid):
+    out = f(p, x)
+    out = out.reshape(out.shape[0], -1, out.shape[-1])
+    return jax.vmap(lambda o, q, v: _rows(o, q, v, reduction))(out, pos, valid)
+
+  _, jvp_o = jax.linearize(lambda p: rows(p, xo, pos_o, valid_o), params)
+
+  def one_u(args):
+    x1, q1, v1 = args
+    x1 = jax.tree_util.tree_map(lambda a: a[None], x1)
+    out, vjp1 = jax.vjp(lambda p: rows(p, x1, q1[None], v1[None])[0], params)
+    basis = jnp.eye(out.size, dtype=out.dtype).reshape((out.size,) + out.shape)
+    g = jax.vmap(lambda c: vjp1(c)[0])(basis)
+    cols = jax.vmap(jvp_o)(g)                      # (L*V', n_o, M, V')
+    return cols.reshape(out.shape + cols.shape[1:])  # (L, V', n_o, M, V')
+
+  cols = jax.lax.map(one_u, (xu, pos_u, valid_u))  # (n_u, L, V', n_o, M, V')
+  K = jnp.transpose(cols, (3, 0, 4, 1, 5, 2))      # (o, u, m, l, i, j)
+  if reduction in ("diagonal", "trace"):
+    K = jnp.diagonal(K, axis1=4, axis2=5)
+    if reduction == "trace":
+      K = jnp.sum(K, axis=-1)
+  elif reduction == "sum_logits":
+    K = K[..., 0, 0]
+  return K
+
+
+# ----------------------------------------------------------------------------- planning
+
+def _positions(mask, n, t):
+  """``(pos (N, M) int32, valid (N, M) bool)`` from a ``(N, T)`` mask (None: all positions)."""
+  if mask is None:
+    return np.tile(np.arange(t, dtype=np.int32), (n, 1)), np.ones((n, t), bool)
+  counts = mask.sum(axis=1)
+  m = int(counts.max())
+  pos = np.zeros((n, m), np.int32)
+  valid = np.zeros((n, m), bool)
+  for k in range(n):
+    idx = np.flatnonzero(mask[k])
+    pos[k, :idx.size] = idx
+    valid[k, :idx.size] = True
+  return pos, valid
+
+
+def _fwd_flops(f1, leaves, x0) -> float:
+  try:
+    ca = jax.jit(f1).lower(leaves, x0).compile().cost_analysis()
+    if isinstance(ca, (list, tuple)):
+      ca = ca[0]
+    flops = float(ca.get("flops", 0.0))
+    if flops > 0:
+      return flops
+  except Exception:  # noqa: BLE001 - the estimate below is good enough
+    pass
+  n = sum(int(np.prod(np.shape(l))) for l in leaves)
+  return 2.0 * n
+
+
+class _Problem:
+  """Shapes and the structured plan of one ``entk`` call (host-side, no FLOPs)."""
+
+  def __init__(self, apply_fn, variables, x_o, x_u, reduction, pos_o, pos_u, v):
+    f, params = trainable_fn(apply_fn, variables)
+    self.f1, self.leaves, self.closed, self.plan = _trace_example(apply_fn, variables, x_o, True)
+    self.dims = _structured.site_dims(self.closed, self.plan)
+    self.leaf_sizes = [int(np.prod(np.shape(l))) for l in self.leaves]
+    self.n_o, self.m = pos_o.shape
+    self.n_u, self.l = pos_u.shape
+    self.v = v
+    self.vp = 1 if reduction == "sum_logits" else v
+    self.diag = reduction in ("diagonal", "trace")
+    self.itemsize = np.dtype(jax.tree_util.tree_leaves(params)[0].dtype).itemsize
+    self.x0 = jax.tree_util.tree_map(lambda a: a[0], x_o)
+
+  def floats_per_row(self, implementation):
+    """Feature floats per output row (one position and one logit of one example)."""
+    if implementation == "jacobian":
+      return sum(self.leaf_sizes)
+    fb = sum(self.leaf_sizes[l] for l in self.plan.fallback)
+    return fb + sum(S * F for S, _, F in self.dims) + sum(S * C for S, C, _ in self.dims) / max(self.vp, 1)
+
+  def cost(self, implementation) -> float:
+    """Estimated FLOPs of the whole call."""
+    f1 = _fwd_flops(self.f1, self.leaves, self.x0)
+    ro, ru = self.n_o * self.m * self.vp, self.n_u * self.l * self.vp
+    pairs = self.n_o * self.n_u * self.m * self.l * self.vp * (1 if self.diag else self.vp)
+    if implementation == "vp":
+      return ru * 2 * f1 * (1 + self.n_o)
+    feats = (ro + ru) * 3 * f1
+    if implementation == "jacobian":
+      return feats + 2 * pairs * sum(self.leaf_sizes)
+    fb = sum(self.leaf_sizes[l] for l in self.plan.fallback)
+    sites = 0.0
+    for (S, C, F), order in zip(self.dims, _site_orders(self.dims, 1, 1, self.m, self.l, self.vp, self.diag)):
+      if order == "gram":
+        sites += S * S * C + S * S * self.l * self.vp * F + (pairs / (self.n_o * self.n_u)) * S * F
+      else:
+        sites += (self.m + self.l) * self.vp * S * C * F + (pairs / (self.n_o * self.n_u)) * C * F
+    return feats + 2 * pairs * fb + 2 * self.n_o * self.n_u * sites
+
+
+def cost(apply_fn, params, x_o, x_u=None, *, reduction="full", mask_o=None, mask_u=None) -> dict:
+  """Estimated FLOPs of each implementation for this call: ``{"jacobian": .., "vp": .., ...}``."""
+  prob, *_ = _setup(apply_fn, params, x_o, x_u, reduction, mask_o, mask_u)
+  return {impl: prob.cost(impl) for impl in IMPLEMENTATIONS}
+
+
+def _chunks(n, size):
+  return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _plan_chunks(n, m, row_bytes, budget):
+  """Example and position chunk sizes so that a chunk's features use <= budget bytes."""
+  per_pos = max(row_bytes, 1)
+  if m * per_pos <= budget:
+    return max(1, min(n, int(budget // (m * per_pos)))), m
+  return 1, max(1, min(m, int(budget // per_pos)))
+
+
+def _take(x, idx):
+  return jax.tree_util.tree_map(lambda a: a[idx], x)
+
+
+def _setup(apply_fn, params, x_o, x_u, reduction, mask_o, mask_u):
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+  f, p = trainable_fn(apply_fn, params)
+  if not jax.tree_util.tree_leaves(p):
+    raise ValueError("params has no trainable leaves (flax: the 'params' collection is empty)")
+  for leaf in jax.tree_util.tree_leaves(p):
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      raise ValueError(f"params must be floating point; found a leaf of dtype {jnp.result_type(leaf)}")
+  shape_o = _validate.logits_shape(f, p, x_o, "x_o")
+  shape_u = _validate.logits_shape(f, p, x_u, "x_u")
+  if shape_o[1:] != shape_u[1:] and (len(shape_o) == 2 or shape_o[-1] != shape_u[-1]):
+    raise ValueError(f"logits of x_o {shape_o} and x_u {shape_u} disagree on V")
+  v = shape_o[-1]
+  out = []
+  for shape, mask, name in ((shape_o, mask_o, "mask_o"), (shape_u, mask_u, "mask_u")):
+    if len(shape) == 2:
+      if mask is not None:
+        raise ValueError(f"{name} given, but the logits {shape} have no position axis")
+      out.append(_positions(None, shape[0], 1))
+    else:
+      m = None if mask is None else _validate.check_mask(mask, shape[:2], name)
+      out.append(_positions(m, shape[0], shape[1]))
+  (pos_o, valid_o), (pos_u, valid_u) = out
+  prob = _Problem(apply_fn, params, x_o, x_u, reduction, pos_o, pos_u, v)
+  return prob, len(shape_o) == 3, pos_o, valid_o, pos_u, valid_u
+
+
+def entk(apply_fn: Callable, params: Any, x_o: Any, x_u: Any = None, *,
+         implementation: str = "auto", reduction: str = "full",
+         mask_o: Optional[Any] = None, mask_u: Optional[Any] = None,
+         memory_budget: int = DEFAULT_MEMORY_BUDGET) -> jax.Array:
+  """The empirical NTK of the logit network, ``K = J_o J_uᵀ`` (unnormalised).
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> logits`` of shape ``(N, V)`` or ``(N, T, V)``.
+    params: parameters; for flax variables only the ``params`` collection is differentiated.
+    x_o: observed inputs (batch ``N_o``). x_u: updated inputs (batch ``N_u``; default ``x_o``).
+    implementation: ``"auto"``, ``"jacobian"``, ``"vp"`` or ``"structured"``.
+    reduction: ``"full"``, ``"diagonal"``, ``"trace"`` or ``"sum_logits"`` (module docstring).
+    mask_o, mask_u: ``(N, T)`` boolean masks of the positions to keep (sequence models).
+    memory_budget: bytes that one chunk's Jacobian features may take; the work is chunked over
+      examples and positions to stay under it (the output itself is not counted).
+  Returns:
+    K, e.g. ``(N_o, N_u, V, V)`` (classifier) or ``(N_o, N_u, M, L, V, V)`` (sequence).
+  """
+  if implementation not in IMPLEMENTATIONS + ("auto",):
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS + ('auto',)}, got {implementation!r}")
+  if x_u is None:
+    x_u, mask_u = x_o, mask_o if mask_u is None else mask_u
+  if memory_budget <= 0:
+    raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
+  prob, is_seq, pos_o, valid_o, pos_u, valid_u = _setup(
+      apply_fn, params, x_o, x_u, reduction, mask_o, mask_u)
+  if implementation == "auto":
+    implementation = min(IMPLEMENTATIONS, key=prob.cost)
+  if implementation == "vp":
+    row_bytes_u = prob.vp * sum(prob.leaf_sizes) * prob.itemsize * 2
+    nu, lc = _plan_chunks(prob.n_u, prob.l, row_bytes_u, memory_budget)
+    no, mc = prob.n_o, prob.m
+  else:
+    row_bytes = prob.vp * prob.floats_per_row(implementation) * prob.itemsize * 3
+    no, mc = _plan_chunks(prob.n_o, prob.m, row_bytes, memory_budget / 4)
+    nu, lc = _plan_chunks(prob.n_u, prob.l, row_bytes, memory_budget / 4)
+  K = _run_chunks(apply_fn, params, implementation, reduction, prob,
+                  x_o, pos_o, valid_o, x_u, pos_u, valid_u, (no, mc), (nu, lc),
+                  cache_u=prob.n_u * prob.l * (0 if implementation == "vp" else row_bytes) <= memory_budget / 4)
+  if not is_seq:
+    K = K[:, :, 0, 0]
+  return K
+
+
+def _run_chunks(apply_fn, params, implementation, reduction, prob,
+                x_o, pos_o, valid_o, x_u, pos_u, valid_u, chunk_o, chunk_u, cache_u):
+  (no, mc), (nu, lc) = chunk_o, chunk_u
+  co = [(a, b, c, d) for (a, b), (c, d) in itertools.product(_chunks(prob.n_o, no), _chunks(prob.m, mc))]
+  cu = [(a, b, c, d) for (a, b), (c, d) in itertools.product(_chunks(prob.n_u, nu), _chunks(prob.l, lc))]
+
+  def piece(x, pos, valid, a, b, c, d, n_ex, n_pos):
+    """A chunk padded to ``(n_ex, n_pos)`` so every chunk shares one compilation."""
+    idx = np.minimum(np.arange(a, a + n_ex), b - 1)
+    p = np.zeros((n_ex, n_pos), np.int32)
+    v = np.zeros((n_ex, n_pos), bool)
+    p[:, :d - c] = pos[idx, c:d]
+    v[:b - a, :d - c] = valid[a:b, c:d]
+    return _take(x, idx), jnp.asarray(p), jnp.asarray(v)
+
+  structured = implementation == "structured"
+  feats = lambda x, p, v: _features(apply_fn, structured, reduction, params, x, p, v)
+  orders = _site_orders(prob.dims if structured else [], no, nu, mc, lc, prob.vp, prob.diag)
+  if len(co) == 1 and len(cu) == 1:   # one block: stay on the device
+    xo, po, vo = piece(x_o, pos_o, valid_o, *co[0], no, mc)
+    xu, pu, vu = piece(x_u, pos_u, valid_u, *cu[0], nu, lc)
+    if implementation == "vp":
+      return _vp_block(apply_fn, reduction, params, xo, po, vo, xu, pu, vu)
+    return _contract(reduction, orders, feats(xo, po, vo), feats(xu, pu, vu))
+
+  dtype = np.dtype(jax.tree_util.tree_leaves(trainable_fn(apply_fn, params)[1])[0].dtype)
+  tail = {"full": (prob.vp, prob.vp), "diagonal": (prob.vp,), "trace": (), "sum_logits": ()}[reduction]
+  out = np.zeros((prob.n_o, prob.n_u, prob.m, prob.l) + tail, dtype)
+  cached = {}
+  for (a, b, c, d) in co:
+    xo, po, vo = piece(x_o, pos_o, valid_o, a, b, c, d, no, mc)
+    fo = None if implementation == "vp" else feats(xo, po, vo)
+    for (e, g, h, k) in cu:
+      xu, pu, vu = piece(x_u, pos_u, valid_u, e, g, h, k, nu, lc)
+      if implementation == "vp":
+        blk = _vp_block(apply_fn, reduction, params, xo, po, vo, xu, pu, vu)
+      else:
+        fu = cached.get((e, h))
+        if fu is None:
+          fu = feats(xu, pu, vu)
+          if cache_u:
+            cached[(e, h)] = fu
+        blk = _contract(reduction, orders, fo, fu)
+      out[a:b, e:g, c:d, h:k] = np.asarray(blk)[:b - a, :g - e, :d - c, :k - h]
+  return jnp.asarray(out)
+
+
+def last_position_mask(mask_or_lengths: Any, t: Optional[int] = None) -> np.ndarray:
+  """A ``(N, T)`` mask selecting each example's last True position (or position ``length−1``)."""
+  a = np.asarray(mask_or_lengths)
+  if a.ndim == 2:
+    last = a.shape[1] - 1 - np.argmax(a[:, ::-1].astype(bool), axis=1)
+    t = a.shape[1]
+  else:
+    if t is None:
+      raise ValueError("last_position_mask needs t when given lengths")
+    last = a.astype(int) - 1
+  m = np.zeros((len(last), t), bool)
+  m[np.arange(len(last)), last] = True
+  return m
