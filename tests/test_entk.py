@@ -1,0 +1,169 @@
+"""ldjax.entk: every implementation equals the jacrev J_o J_uᵀ and neural-tangents' golden K."""
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import ldjax
+from ldjax import zoo
+from conftest import cast, jacrev_entk, precision, rel, small_model
+
+IMPLS = ["jacobian", "vp", "structured", "auto"]
+TOL = {"float32": 1e-5, "float64": 1e-10}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("model", ["mlp", "lenet", "transformer"])
+def test_every_implementation_equals_jacrev(model, dtype):
+  with precision(dtype):
+    f, p, xo, xu = small_model(model, jnp.dtype(dtype))
+    K0 = jacrev_entk(f, p, xo, xu)
+    Ks = {impl: ldjax.entk(f, p, xo, xu, implementation=impl) for impl in IMPLS}
+    for impl, K in Ks.items():
+      assert K.shape == K0.shape
+      assert K.dtype == jnp.dtype(dtype)
+      assert rel(K, K0) <= TOL[dtype], (impl, rel(K, K0))
+    for a in IMPLS:   # and each other
+      for b in IMPLS:
+        assert rel(Ks[a], Ks[b]) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
+@pytest.mark.parametrize("impl", ["jacobian", "vp", "structured"])
+def test_reductions_are_named_and_undivided(model, impl):
+  with precision("float64"):
+    f, p, xo, xu = small_model(model, jnp.float64)
+    K = np.asarray(jacrev_entk(f, p, xo, xu))
+    want = {"diagonal": np.diagonal(K, axis1=-2, axis2=-1),
+            "trace": np.trace(K, axis1=-2, axis2=-1),
+            "sum_logits": K.sum((-2, -1))}
+    for red, w in want.items():
+      got = ldjax.entk(f, p, xo, xu, implementation=impl, reduction=red)
+      assert got.shape == w.shape, red
+      assert rel(got, w) <= 1e-10, (red, rel(got, w))
+
+
+@pytest.mark.parametrize("impl", ["jacobian", "vp", "structured"])
+def test_masks_and_chunking(impl):
+  """Masked positions are the m-th selected position; a tiny memory budget changes nothing."""
+  with precision("float64"):
+    f, p, xo, xu = small_model("transformer", jnp.float64)
+    K = np.asarray(jacrev_entk(f, p, xo, xu))
+    mo = np.zeros((2, 7), bool); mo[0, 3:] = True; mo[1, 5:] = True
+    mu = np.zeros((2, 7), bool); mu[0, 1:4] = True; mu[1, 6] = True
+    want = np.zeros((2, 2, 4, 3, 13, 13))
+    for o in range(2):
+      for u in range(2):
+        io, iu = np.flatnonzero(mo[o]), np.flatnonzero(mu[u])
+        want[o, u, :len(io), :len(iu)] = K[o, u][np.ix_(io, iu)]
+    whole = ldjax.entk(f, p, xo, xu, implementation=impl, mask_o=mo, mask_u=mu)
+    chunked = ldjax.entk(f, p, xo, xu, implementation=impl, mask_o=mo, mask_u=mu, memory_budget=50_000)
+    assert whole.shape == want.shape
+    assert rel(whole, want) <= 1e-10
+    assert rel(chunked, want) <= 1e-10
+
+
+def test_last_token_block_and_symmetry():
+  with precision("float64"):
+    f, p, xo, _ = small_model("transformer", jnp.float64)
+    last = ldjax.last_position_mask(np.ones((2, 7), bool))
+    K = ldjax.entk(f, p, xo, mask_o=last, implementation="structured")[:, :, 0, 0]
+    full = np.asarray(jacrev_entk(f, p, xo, xo))[:, :, -1, -1]
+    assert rel(K, full) <= 1e-10
+    # K(x, x) is symmetric: K[o,u,i,j] = K[u,o,j,i]
+    assert rel(K, np.transpose(np.asarray(K), (1, 0, 3, 2))) <= 1e-12
+
+
+def test_causal_block_is_zero_above_the_diagonal_for_shared_prefix_free_params():
+  """A per-token block K_{m,l}(x, x) is non-zero for every pair: positions share parameters."""
+  with precision("float64"):
+    f, p, xo, _ = small_model("transformer", jnp.float64)
+    tr = ldjax.entk(f, p, xo[:1], reduction="trace")[0, 0]
+    assert tr.shape == (7, 7)
+    assert np.all(np.diag(np.asarray(tr)) > 0)   # ‖J_m‖² > 0 on the diagonal
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet", "transformer"])
+def test_equals_neural_tangents_golden(name):
+  """K from neural-tangents 0.6.5 (all three implementations, trace_axes=()), made in the peer venv."""
+  params, arrays = zoo.load_npz(os.path.join(os.path.dirname(__file__), "golden", f"{name}.npz"))
+  with precision("float64"):
+    if name == "mlp":
+      f = zoo.mlp_apply
+    elif name == "lenet":
+      f = zoo.lenet_apply
+    else:
+      h = int(arrays["n_heads"])
+      f = lambda p, t: zoo.transformer_apply(p, t, n_heads=h)
+    params = cast(params, jnp.float64)
+    for impl in IMPLS:
+      K = ldjax.entk(f, params, jnp.asarray(arrays["x_o"]), jnp.asarray(arrays["x_u"]),
+                     implementation=impl)
+      assert rel(K, arrays["K"]) <= 1e-10, (impl, rel(K, arrays["K"]))
+
+
+def test_entk_vp_equals_K_times_v():
+  with precision("float64"):
+    for model in ["mlp", "transformer"]:
+      f, p, xo, xu = small_model(model, jnp.float64)
+      K = np.asarray(jacrev_entk(f, p, xo, xu))
+      shape_u = jax.eval_shape(f, p, xu).shape
+      v = np.random.default_rng(0).normal(size=shape_u)
+      want = (np.einsum("ouij,uj->oi", K, v) if len(shape_u) == 2
+              else np.einsum("oumlij,ulj->omi", K, v))
+      assert rel(ldjax.entk_vp(f, p, xo, xu, v), want) <= 1e-10
+
+
+class _LinenNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(8)(x)
+    x = nn.BatchNorm(use_running_average=True)(x)
+    x = jnp.tanh(x)
+    return nn.Dense(4)(x)
+
+
+def test_flax_linen_only_params_are_trainable():
+  with precision("float64"):
+    m = _LinenNet()
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5), jnp.float64)
+    variables = m.init(jax.random.PRNGKey(1), x)
+    variables = {"params": cast(variables["params"], jnp.float64),
+                 "batch_stats": jax.tree_util.tree_map(lambda a: a + 0.5, cast(variables["batch_stats"], jnp.float64))}
+    K = ldjax.entk(m.apply, variables, x, implementation="structured")
+    f = lambda p, x: m.apply({"params": p, "batch_stats": variables["batch_stats"]}, x)
+    K0 = jacrev_entk(f, variables["params"], x, x)
+    assert rel(K, K0) <= 1e-10
+    # batch_stats are closed over: the result changes with them but they get no Jacobian rows
+    n_params = sum(a.size for a in jax.tree_util.tree_leaves(variables["params"]))
+    assert n_params == 5 * 8 + 8 + 8 * 2 + 8 * 4 + 4
+
+
+def test_flax_nnx_model():
+  with precision("float64"):
+    class Net(nnx.Module):
+      def __init__(self, rngs):
+        self.l1 = nnx.Linear(5, 8, rngs=rngs, param_dtype=jnp.float64)
+        self.l2 = nnx.Linear(8, 3, rngs=rngs, param_dtype=jnp.float64)
+      def __call__(self, x):
+        return self.l2(jnp.tanh(self.l1(x)))
+    model = Net(nnx.Rngs(0))
+    f, params = ldjax.from_nnx(model)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 5), jnp.float64)
+    K0 = jacrev_entk(f, params, x, x)
+    for impl in IMPLS:
+      assert rel(ldjax.entk(f, params, x, implementation=impl), K0) <= 1e-10
+
+
+def test_structured_plan_finds_dense_and_embedding_sites():
+  from ldjax import ntk
+  f, p, xo, xu = small_model("transformer", jnp.float32)
+  prob, *_ = ntk._setup(f, p, xo, xu, "full", None, None)
+  kinds = sorted(s.kind for s in prob.plan.sites)
+  # 2 layers x (q, k, v, o, mlp in, mlp out) + unembedding = 13 dense sites, 1 token embedding
+  assert kinds.count("dot") == 13 and kinds.count("gather") == 1
