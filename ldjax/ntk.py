@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 
 from ldjax import _structured, _validate
 from ldjax.trainable import trainable_fn
@@ -192,18 +193,23 @@ def _positions(mask, n, t):
   return pos, valid
 
 
-def _fwd_flops(f1, leaves, x0) -> float:
-  try:
-    ca = jax.jit(f1).lower(leaves, x0).compile().cost_analysis()
-    if isinstance(ca, (list, tuple)):
-      ca = ca[0]
-    flops = float(ca.get("flops", 0.0))
-    if flops > 0:
-      return flops
-  except Exception:  # noqa: BLE001 - the estimate below is good enough
-    pass
-  n = sum(int(np.prod(np.shape(l))) for l in leaves)
-  return 2.0 * n
+def _jaxpr_flops(jaxpr) -> float:
+  """Multiply-add FLOPs of the matrix products and convolutions in a jaxpr (calls included)."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lc, _), _ = eqn.params["dimension_numbers"]
+      k = np.prod([eqn.invars[0].aval.shape[d] for d in lc]) if lc else 1
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * k
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      dn = eqn.params["dimension_numbers"]
+      out_ch = rhs[dn.rhs_spec[0]]
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(rhs) / max(out_ch, 1)
+    for sub in jcore.jaxprs_in_params(eqn.params):
+      total += _jaxpr_flops(sub)
+  return total
 
 
 class _Problem:
@@ -220,7 +226,7 @@ class _Problem:
     self.vp = 1 if reduction == "sum_logits" else v
     self.diag = reduction in ("diagonal", "trace")
     self.itemsize = np.dtype(jax.tree_util.tree_leaves(params)[0].dtype).itemsize
-    self.x0 = jax.tree_util.tree_map(lambda a: a[0], x_o)
+    self.f1_flops = max(_jaxpr_flops(self.closed.jaxpr), 2.0 * sum(self.leaf_sizes))
 
   def floats_per_row(self, implementation):
     """Feature floats per output row (one position and one logit of one example)."""
@@ -231,7 +237,7 @@ class _Problem:
 
   def cost(self, implementation) -> float:
     """Estimated FLOPs of the whole call."""
-    f1 = _fwd_flops(self.f1, self.leaves, self.x0)
+    f1 = self.f1_flops
     ro, ru = self.n_o * self.m * self.vp, self.n_u * self.l * self.vp
     pairs = self.n_o * self.n_u * self.m * self.l * self.vp * (1 if self.diag else self.vp)
     if implementation == "vp":

@@ -44,8 +44,10 @@ class ActualStep:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _step(apply_fn, loss_fn, optimizer, variables, x_o, xs, loss_kwargs):
+def _step(apply_fn, loss_fn, optimizer, variables, x_o, xs, loss_kwargs, eta):
   params, merge = split_trainable(variables)
+  if optimizer is None:   # plain SGD with a traced step size: one compilation for every η
+    optimizer = optax.sgd(eta)
 
   def total(p):
     v = merge(p)
@@ -68,15 +70,12 @@ def actual_step(apply_fn: Callable, params: Any, x_o: Any, x_u: Any, loss_fn: Ca
   ``optimizer`` defaults to ``optax.sgd(eta)`` (the step the decomposition predicts); any optax
   GradientTransformation is allowed (its state starts fresh: this is the first step).
   """
-  if optimizer is None:
-    if eta is None:
-      raise ValueError("actual_step needs eta (for optax.sgd) or an optimizer")
-    optimizer = optax.sgd(_validate.check_eta(eta))
-  elif eta is not None:
-    _validate.check_eta(eta)
+  if optimizer is None and eta is None:
+    raise ValueError("actual_step needs eta (for optax.sgd) or an optimizer")
+  eta = None if eta is None else _validate.check_eta(eta)
   xs = _branches(x_u)
   new, before, after, losses = _step(apply_fn, loss_fn, optimizer, params, x_o, xs,
-                                     dict(loss_kwargs or {}))
+                                     dict(loss_kwargs or {}), eta)
   _validate.check_finite(before, "logits of x_o")
   _validate.check_finite(after, "logits of x_o after the step")
   return ActualStep(new, before, after, losses)

@@ -1,0 +1,382 @@
+"""``ldjax lm pretrain|sft|dpo|pipeline|one-step``: the LM finetuning experiments end to end.
+
+Data (``--data FILE``): a JSON-lines file, either the paper's probe layout (``prompt`` + the 13
+response fields, e.g. ``$LDJAX_DATA/hh_probe/formal_prob_train.jsonl``) or plain
+``prompt``/``chosen``/``rejected`` records (missing model-free probe types are added by
+:func:`ldjax.data.probes.build_probes`). Without ``--data`` the embedded synthetic dataset
+(:func:`ldjax.data.synthetic.generate_preferences`) is used, so everything runs on a fresh clone.
+
+Split (:func:`prepare_data`): ``data.n_heldout`` records (seeded) are held out of every phase; the
+rest train pretraining (their prompts, see ``data.pretrain_source``), SFT and DPO. Probes are
+tracked on the first ``data.n_track`` training records ("train") and held-out records ("test").
+
+Commands (each writes under ``--out``; ``--resume`` continues interrupted phases from their orbax
+checkpoints and reuses finished ones):
+
+* ``pretrain``  next-token pretraining (cached: see below);
+* ``sft``       pretrain → SFT with probe tracking and figures;
+* ``dpo``       pretrain → SFT → preference phase (``--loss``, ``--on-policy``) with tracking;
+* ``pipeline``  the same as ``dpo`` plus the one-step check, all figures and ``summary.json``
+  (timings, losses, how each probe type's log π moved);
+* ``one-step``  one exact decomposition of an SFT step on the pretrained model
+  (:func:`ldjax.lm.one_step.run_one_step`): a table, a JSON and a figure.
+
+The pretrained parameters are cached in ``--cache-dir`` (default ``$LDJAX_CACHE`` or
+``~/.cache/ldjax``) under a hash of the model, data and pretraining configs and the training
+records, and reused when the same configuration and data come again (``--no-cache`` disables it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ldjax.lm.config import DEFAULT, QUICK, PREFERENCE_LOSSES, PipelineConfig, load_config
+
+__all__ = ["main", "load_records", "prepare_data", "PreparedData", "run_pipeline", "pretrained_params"]
+
+_MODEL_FREE = ("irr_train", "irr_test", "random_permute", "random_nonhum")
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """Records of one experiment: ``train`` (trained on), ``heldout`` (never trained on),
+    ``track_train``/``track_test`` (probed prompts), ``source`` (file or "synthetic"),
+    ``fingerprint`` (sha256 of the training records)."""
+
+    train: list
+    heldout: list
+    track_train: list
+    track_test: list
+    source: str
+    fingerprint: str
+
+
+def load_records(path: Optional[str], config: PipelineConfig) -> tuple[list, str]:
+    """``(records, source)`` from a JSONL file, or the synthetic dataset when ``path`` is None."""
+    if path is None:
+        from ldjax.data.synthetic import generate_preferences
+
+        recs = generate_preferences(config.data.synthetic_n, seed=config.data.split_seed)
+        source = f"synthetic(n={config.data.synthetic_n}, seed={config.data.split_seed})"
+    else:
+        from ldjax.data.preferences import load_jsonl
+
+        recs = load_jsonl(path)
+        source = os.path.abspath(path)
+    if config.data.n_records is not None:
+        recs = recs[:config.data.n_records]
+    need = config.data.n_heldout + 2
+    if len(recs) < need:
+        raise ValueError(f"{source}: {len(recs)} records, need at least n_heldout + 2 = {need}")
+    return recs, source
+
+
+def prepare_data(records: Sequence[dict], config: PipelineConfig, source: str = "records") -> PreparedData:
+    """Held-out split (:func:`ldjax.data.probes.split_held_out`, ``data.split_seed``), model-free
+    probe types added where missing (training records draw ``irr_test`` from the held-out ones;
+    held-out records draw ``irr_train``/``irr_test`` from the other held-out records), tracked
+    subsets."""
+    from ldjax.data.probes import build_probes, split_held_out
+
+    dc = config.data
+    train, held = split_held_out(list(records), dc.n_heldout, dc.split_seed)
+    if not all(isinstance(r.get(t), str) for r in records for t in _MODEL_FREE):
+        train = build_probes(train, seed=dc.split_seed, test_records=held)
+        held = build_probes(held, seed=dc.split_seed + 1, test_records=held) if len(held) >= 2 else held
+    for i, r in enumerate(train):
+        if not isinstance(r.get("rejected"), str):
+            raise ValueError(f"{source}: training record {i} has no string 'rejected' field")
+    h = hashlib.sha256(json.dumps([[r["prompt"], r["chosen"], r["rejected"]] for r in train]).encode())
+    return PreparedData(train, held, train[:dc.n_track], held[:dc.n_track], source, h.hexdigest())
+
+
+def _pretrain_texts(data: PreparedData, config: PipelineConfig) -> list[str]:
+    src = config.data.pretrain_source
+    if src == "prompts":
+        return [r["prompt"] for r in data.train]
+    texts = [r["prompt"] + r["chosen"] for r in data.train]
+    if src == "dialogues_both":
+        texts += [r["prompt"] + r["rejected"] for r in data.train]
+    return texts
+
+
+def _cache_key(config: PipelineConfig, data: PreparedData) -> str:
+    d = {"model": dataclasses.asdict(config.model), "pretrain": dataclasses.asdict(config.pretrain),
+         "max_len": config.data.max_len, "source": config.data.pretrain_source, "seed": config.seed,
+         "data": data.fingerprint, "version": 1}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("LDJAX_CACHE", Path.home() / ".cache" / "ldjax"))
+
+
+def _write_json(path, obj):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def pretrained_params(config: PipelineConfig, data: PreparedData, out: Path, *, resume: bool = False,
+                      cache_dir: Optional[Path] = None, progress: bool = True) -> tuple[dict, dict]:
+    """θ after pretraining: from the cache when the same config and data were pretrained before,
+    else trained (checkpoints in ``out/pretrain/ckpt``) and cached. Returns ``(params, info)``."""
+    import jax
+
+    from ldjax.lm import train as T
+    from ldjax.lm.model import count_params, init_params
+
+    lm = config.lm_config()
+    p0 = init_params(lm, jax.random.PRNGKey(config.seed))
+    key = _cache_key(config, data)
+    cached = None if cache_dir is None else Path(cache_dir) / "lm_pretrain" / key
+    info = {"cache_key": key, "n_params": count_params(p0)}
+    if cached is not None and cached.exists():
+        t0 = time.time()
+        params, meta = T.load_params(cached, p0)
+        info.update(meta, from_cache=str(cached), seconds=time.time() - t0)
+        return params, info
+    tok_texts = _pretrain_texts(data, config)
+    from ldjax.lm.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    enc = T.encode_texts(tok, tok_texts, lm.max_len)
+    held = T.encode_texts(tok, [r["prompt"] for r in data.heldout], lm.max_len)
+    evals = {"step": [], "heldout_loss": []}
+
+    def on_eval(step, params):
+        lp = T.sequence_logprobs(params, lm, held)
+        evals["step"].append(int(step))
+        evals["heldout_loss"].append(float(-lp.sum() / held["mask"].sum()))
+
+    res = T.pretrain(p0, lm, enc, config.pretrain, ckpt_dir=out / "pretrain" / "ckpt", resume=resume,
+                     on_eval=on_eval, progress=progress)
+    info.update(seconds=res.seconds, steps=res.step, n_windows=int(enc["tokens"].shape[0]),
+                final_loss=float(np.mean(res.history["loss"][-10:])), eval=evals,
+                resumed_from=res.resumed_from, from_cache=None)
+    _write_json(out / "pretrain" / "history.json", {"history": res.history, "eval": evals})
+    from ldjax.lm import plots
+
+    info["figure"] = plots.plot_pretrain(res.history, out / "figures" / "lm_pretrain.png",
+                                         eval_steps=evals["step"], eval_loss=evals["heldout_loss"],
+                                         title=f"Pretraining ({config.data.pretrain_source} of {len(data.train)} records)")
+    if cached is not None:
+        T.save_params(cached, res.params, {k: v for k, v in info.items() if k not in ("figure",)})
+    return res.params, info
+
+
+def _tracker(config: PipelineConfig, data: PreparedData):
+    from ldjax.lm.tracking import ProbeTracker
+
+    return ProbeTracker(config.lm_config(), {"train": data.track_train, "test": data.track_test},
+                        max_prompt_len=config.data.max_prompt_len, eval_batch=config.track.eval_batch,
+                        decode_max_new_tokens=config.track.decode_max_new_tokens)
+
+
+def _tracked_phase(name: str, run, tracker, out: Path, resume: bool):
+    """Runs ``run(on_eval)`` with the tracker saved after every evaluation (resumable)."""
+    d = out / name
+    if resume:
+        tracker.load(d / "probes.npz")
+
+    def on_eval(step, params):
+        tracker.evaluate(step, params)
+        tracker.save(d, "probes")
+
+    res = run(on_eval)
+    tracker.finalize(res.history)
+    paths = tracker.save(d, "probes")
+    _write_json(d / "history.json", res.history)
+    return res, paths
+
+
+def _phase_summary(res, tracker) -> dict:
+    s = tracker.summary()
+    out = {"seconds": res.seconds, "steps": res.step, "resumed_from": res.resumed_from,
+           "final_loss": float(np.mean(res.history["loss"][-5:])) if res.history.get("loss") else None,
+           "probes": {}}
+    for st, d in s["sets"].items():
+        out["probes"][st] = {t: {k: v[k] for k in ("logp_sum_first", "logp_sum_last", "logp_sum_change",
+                                                    "logp_sum_max", "logp_sum_argmax_step")}
+                             for t, v in d["types"].items()}
+        out["probes"][st]["chosen_argmax_path"] = [d["types"]["chosen"]["argmax_path_first"],
+                                                   d["types"]["chosen"]["argmax_path_last"]]
+        out["probes"][st]["chosen_A_norm"] = [d["types"]["chosen"]["A_norm_first"],
+                                              d["types"]["chosen"]["A_norm_last"]]
+        out["probes"][st]["greedy_examples"] = d["greedy_examples"][:2]
+    if "margin" in res.history:
+        out["final_margin"] = float(np.mean(res.history["margin"][-5:]))
+        out["final_acc"] = float(np.mean(res.history["acc"][-5:]))
+    return out
+
+
+def run_pipeline(config: PipelineConfig, data: PreparedData, out, *, upto: str = "dpo",
+                 resume: bool = False, cache_dir: Optional[Path] = None, progress: bool = True,
+                 one_step: bool = False) -> dict:
+    """pretrain → SFT → preference (``upto`` in {"pretrain", "sft", "dpo"}), tracking probes in
+    SFT and the preference phase, figures in ``out/figures``; returns (and writes) the summary."""
+    from ldjax.lm import plots
+    from ldjax.lm import train as T
+
+    t_start = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.to_json(out / "config.json")
+    lm = config.lm_config()
+    summary = {"config": config.to_dict(), "data": {
+        "source": data.source, "n_train": len(data.train), "n_heldout": len(data.heldout),
+        "n_track": [len(data.track_train), len(data.track_test)]}, "timings": {}, "figures": []}
+    params, info = pretrained_params(config, data, out, resume=resume, cache_dir=cache_dir, progress=progress)
+    summary["pretrain"] = {k: v for k, v in info.items() if k != "eval"}
+    summary["timings"]["pretrain"] = info.get("seconds")
+    if info.get("figure"):
+        summary["figures"].append(info["figure"])
+    figs = out / "figures"
+
+    if upto in ("sft", "dpo"):
+        tr = _tracker(config, data)
+        sft_name = "sft_extend" if config.sft.extend else "sft"
+        res, _ = _tracked_phase(sft_name, lambda ev: T.sft(
+            params, lm, data.train, config.sft, max_prompt_len=config.data.max_prompt_len,
+            ckpt_dir=out / sft_name / "ckpt", resume=resume, on_eval=ev, progress=progress), tr, out, resume)
+        sft_params = res.params
+        summary["sft"] = _phase_summary(res, tr)
+        summary["probe_types"] = tr.all_types
+        summary["timings"]["sft"] = res.seconds
+        title = f"SFT{' (extend: y⁺ and y⁻)' if config.sft.extend else ''} — log π of each probe type"
+        summary["figures"] += [
+            plots.plot_probe_grid(tr, figs / f"lm_{sft_name}_probes.png", title=title),
+            plots.plot_probe_overview(tr, figs / f"lm_{sft_name}_overview.png", title=title)]
+
+    if upto == "dpo":
+        pc = config.preference
+        name = pc.loss + ("_onpolicy" if pc.on_policy else "")
+        tr2 = _tracker(config, data)
+        res2, _ = _tracked_phase(name, lambda ev: T.preference(
+            sft_params, sft_params, lm, data.train, pc, max_prompt_len=config.data.max_prompt_len,
+            ckpt_dir=out / name / "ckpt", resume=resume, on_eval=ev, progress=progress), tr2, out, resume)
+        summary["preference"] = dict(_phase_summary(res2, tr2), loss=pc.loss, on_policy=pc.on_policy)
+        summary["timings"]["preference"] = res2.seconds
+        label = f"{pc.loss.upper()}{' on-policy' if pc.on_policy else ''} after SFT"
+        summary["figures"] += [
+            plots.plot_probe_grid(tr2, figs / f"lm_{name}_probes.png", title=f"{label} — log π of each probe type"),
+            plots.plot_probe_overview(tr2, figs / f"lm_{name}_overview.png", title=f"{label} — log π of each probe type"),
+            plots.plot_squeeze(tr2, figs / f"lm_{name}_squeeze.png", title=f"{label}: squeezing", history=res2.history)]
+
+    if one_step:
+        summary["one_step"] = _one_step(config, data, params, out)
+        summary["figures"].append(summary["one_step"]["figure"])
+        summary["timings"]["one_step"] = summary["one_step"]["seconds"]
+    summary["timings"]["total"] = time.time() - t_start
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+def _one_step(config, data: PreparedData, params, out: Path, index: int = 0) -> dict:
+    from ldjax.lm import plots
+    from ldjax.lm.one_step import format_table, run_one_step
+
+    t0 = time.time()
+    rec = data.track_train[index]
+    r = run_one_step(params, config, rec, config.track.one_step_etas)
+    r["seconds"] = time.time() - t0
+    r["figure"] = plots.plot_one_step(r, out / "figures" / "lm_one_step.png")
+    r["table"] = format_table(r)
+    _write_json(out / "one_step" / "one_step.json", r)
+    (out / "one_step" / "table.txt").write_text(r["table"] + "\n", encoding="utf-8")
+    return {k: r[k] for k in ("etas", "rel_error_linear", "entk_abs_error", "slope_rel_error_linear",
+                              "slope_entk_abs_error", "sign_agreement", "seconds", "figure", "table")}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldjax lm", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["pretrain", "sft", "dpo", "pipeline", "one-step"])
+    p.add_argument("--data", help="JSONL file (probe layout or prompt/chosen/rejected); default: synthetic")
+    p.add_argument("--config", help="JSON config (full or partial), merged onto the default or --quick one")
+    p.add_argument("--out", default="runs/lm", help="output folder (default runs/lm)")
+    p.add_argument("--resume", action="store_true", help="continue interrupted phases from checkpoints")
+    p.add_argument("--quick", action="store_true", help="tiny model and few steps (CI)")
+    p.add_argument("--seed", type=int, help="seed of the model init and of every phase")
+    p.add_argument("--loss", choices=PREFERENCE_LOSSES, help="preference loss (default: the config's)")
+    p.add_argument("--on-policy", action="store_true", help="sample y- from the current policy (SPIN-style)")
+    p.add_argument("--extend", action="store_true", help="SFT on chosen and rejected (the paper's remedy)")
+    p.add_argument("--cache-dir", help="pretrained-model cache (default $LDJAX_CACHE or ~/.cache/ldjax)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the pretraining cache")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--index", type=int, default=0, help="one-step: which tracked training record")
+    return p
+
+
+def build_config(args) -> PipelineConfig:
+    """The config of parsed CLI arguments: DEFAULT or QUICK, then ``--config``, then flags."""
+    base = QUICK if args.quick else DEFAULT
+    cfg = load_config(args.config, base) if args.config else base
+    if args.seed is not None:
+        cfg = cfg.replace(seed=args.seed, pretrain={"seed": args.seed}, sft={"seed": args.seed},
+                          preference={"seed": args.seed})
+    if args.loss:
+        cfg = cfg.replace(preference={"loss": args.loss})
+    if args.on_policy:
+        cfg = cfg.replace(preference={"on_policy": True})
+    if args.extend:
+        cfg = cfg.replace(sft={"extend": True})
+    return cfg
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``ldjax lm ...``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = build_config(args)
+        records, source = load_records(args.data, cfg)
+        data = prepare_data(records, cfg, source)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ldjax lm: error: {e}", file=sys.stderr)
+        return 2
+    cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else _default_cache_dir()
+    out = Path(args.out)
+    progress = not args.no_progress
+    t0 = time.time()
+    if args.command == "one-step":
+        params, _ = pretrained_params(cfg, data, out, resume=args.resume, cache_dir=cache, progress=progress)
+        if not 0 <= args.index < len(data.track_train):
+            print(f"ldjax lm: error: --index must be in [0, {len(data.track_train)})", file=sys.stderr)
+            return 2
+        r = _one_step(cfg, data, params, out, args.index)
+        print(r["table"])
+        print(f"figure: {r['figure']}")
+        return 0
+    upto = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "pipeline": "dpo"}[args.command]
+    try:
+        s = run_pipeline(cfg, data, out, upto=upto, resume=args.resume, cache_dir=cache, progress=progress,
+                         one_step=args.command == "pipeline")
+    except ValueError as e:
+        print(f"ldjax lm: error: {e}", file=sys.stderr)
+        return 2
+    print(f"ldjax lm {args.command}: {time.time() - t0:.1f} s; timings {json.dumps(s['timings'], default=float)}")
+    for f in s["figures"]:
+        print(f"figure: {f}")
+    print(f"summary: {out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

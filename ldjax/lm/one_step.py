@@ -1,0 +1,142 @@
+"""One exact decomposition on the LM: a single SFT step on (x_u, y_u⁺), observed on the probes.
+
+The step is plain SGD with rate η on the sequence loss ``−log π(y_u⁺|x_u)``
+(``ldjax.losses.sft``, summed over response tokens). The observed sequences χ_o are x_u's prompt
+joined with every probe response of the record (``chosen`` itself, ``rejected``, the rephrases,
+``irr_*``, ``random_*``). For each type we compare the change of the sequence log-probability
+log π(y_o|x_u) = Σ_m log π(y_{o,m} | x_u, y_{o,<m}) (response tokens only):
+
+* predicted (Proposition 1): Σ_m [A_m · (−η Σ_l K_{m,l} G_l)]_{y_{o,m}} from
+  :func:`ldjax.decompose` (``delta_logp_linear``); also the version without linearising
+  log-softmax (``delta_logp_exact``);
+* actual: the same sum over :func:`ldjax.actual_step`'s ``delta_logp`` (one ``optax.sgd(η)`` step).
+
+As η → 0 the relative error of the prediction falls like η (the error is O(η²), the change O(η))
+and the eNTK-step error ‖Δz − (−ηKG)‖ over the response positions falls like η²: we report both
+and their fitted log-log slopes (≈ 1 and ≈ 2; float64 gives clean slopes down to small η).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldjax import losses
+from ldjax.data.preferences import encode_example
+from ldjax.data.probes import probe_types
+from ldjax.decompose import decompose
+from ldjax.lm.model import make_apply_fn
+from ldjax.lm.tokenizer import ByteTokenizer
+from ldjax.step import actual_step, compare
+
+__all__ = ["run_one_step", "sequence_delta", "loglog_slope", "format_table"]
+
+
+def sequence_delta(delta_logp: jax.Array, targets: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Σ_m mask_m Δlog π_m(targets_m): per-token changes ``(N, T, V)`` -> sequence change ``(N,)``."""
+    d = np.asarray(delta_logp, np.float64)
+    picked = np.take_along_axis(d, np.asarray(targets)[..., None].astype(np.int64), axis=-1)[..., 0]
+    return np.sum(picked * np.asarray(mask, np.float64), axis=-1)
+
+
+def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope of log y against log x (NaN if fewer than two positive points)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    ok = (x > 0) & (y > 0) & np.isfinite(y)
+    if ok.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(x[ok]), np.log(y[ok]), 1)[0])
+
+
+def run_one_step(params, config, record: dict, etas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1), *,
+                 types: Optional[Sequence[str]] = None, tokenizer=None) -> dict:
+    """Predicted vs actual Δ log π of every probe type after one SFT step on (x_u, y_u⁺).
+
+    Args:
+      params: the model's parameters (e.g. after pretraining); cast to the model's dtype.
+      config: a :class:`ldjax.lm.config.PipelineConfig` (model shape and lengths).
+      record: one probe record: ``prompt``, ``chosen`` and any other response fields.
+      etas: learning rates η (ascending is not required).
+      types: response fields observed (default: every probe type present in ``record``).
+    Returns:
+      A dict with ``types`` (K), ``etas`` (E), ``pred``/``pred_exact``/``actual`` ``(E, K)``
+      sequence Δ log π, ``rel_error_linear``/``rel_error_exact`` ``(E,)`` (‖pred − actual‖ /
+      ‖actual‖ over the K types), ``entk_rel_error`` (E,) from :func:`ldjax.compare` and
+      ``entk_abs_error`` (E,) = ‖Δz_actual − (−ηKG)‖ over response positions, their log-log
+      slopes ``slope_*``, ``sign_agreement`` (E,) of predicted vs actual sequence changes, and
+      ``loss_u`` = −log π(y_u⁺|x_u) before the step. Plain lists/floats (JSON-able).
+    """
+    tok = tokenizer or ByteTokenizer()
+    etas = [float(e) for e in etas]
+    if not etas or any(not e > 0 for e in etas):
+        raise ValueError(f"etas must be positive numbers, got {etas}")
+    for f in ("prompt", "chosen"):
+        if not isinstance(record.get(f), str):
+            raise ValueError(f"record field {f!r} is missing or not a string")
+    lm = config.lm_config()
+    types = list(types) if types is not None else probe_types(record)
+    if not types:
+        raise ValueError("the record has no probe response fields")
+    kw = dict(max_len=lm.max_len, max_prompt_len=config.data.max_prompt_len)
+    u = encode_example(tok, record["prompt"], record["chosen"], **kw)
+    for t in types:
+        if not isinstance(record.get(t), str):
+            raise ValueError(f"record field {t!r} is missing or not a string")
+    rows = [encode_example(tok, record["prompt"], record[t], **kw) for t in types]
+    o = {f: np.stack([r[f] for r in rows]) for f in ("tokens", "targets", "mask")}
+    dtype = lm.dtype
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
+    apply_fn = make_apply_fn(lm)
+    x_u, x_o = jnp.asarray(u["tokens"][None]), jnp.asarray(o["tokens"])
+    loss_kwargs = {"targets": jnp.asarray(u["targets"][None]), "mask": jnp.asarray(u["mask"][None])}
+    mask_o = o["mask"]
+
+    pred, pred_exact, actual, rel_lin, rel_ex, entk_rel, entk_abs, agree = ([] for _ in range(8))
+    loss_u = None
+    for eta in etas:
+        dec = decompose(apply_fn, params, x_o, x_u, losses.sft, eta=eta, loss_kwargs=loss_kwargs)
+        act = actual_step(apply_fn, params, x_o, x_u, losses.sft, eta=eta, loss_kwargs=loss_kwargs)
+        p = sequence_delta(dec.delta_logp_linear, o["targets"], mask_o)
+        pe = sequence_delta(dec.delta_logp_exact, o["targets"], mask_o)
+        a = sequence_delta(act.delta_logp, o["targets"], mask_o)
+        den = max(np.linalg.norm(a), 1e-300)
+        pred.append(p.tolist())
+        pred_exact.append(pe.tolist())
+        actual.append(a.tolist())
+        rel_lin.append(float(np.linalg.norm(p - a) / den))
+        rel_ex.append(float(np.linalg.norm(pe - a) / den))
+        entk_rel.append(compare(dec, act, mask=mask_o).entk_step)
+        dz = np.asarray(act.delta_logits, np.float64) - np.asarray(dec.delta_logits, np.float64)
+        entk_abs.append(float(np.sqrt(np.sum(dz ** 2 * mask_o[..., None]))))
+        agree.append(float(np.mean(np.sign(p) == np.sign(a))))
+        loss_u = float(np.asarray(dec.loss_u)[0])
+    return {
+        "types": types, "etas": etas, "pred": pred, "pred_exact": pred_exact, "actual": actual,
+        "rel_error_linear": rel_lin, "rel_error_exact": rel_ex, "entk_rel_error": entk_rel,
+        "entk_abs_error": entk_abs, "sign_agreement": agree, "loss_u": loss_u,
+        "slope_rel_error_linear": loglog_slope(etas, rel_lin),
+        "slope_rel_error_exact": loglog_slope(etas, rel_ex),
+        "slope_entk_rel_error": loglog_slope(etas, entk_rel),
+        "slope_entk_abs_error": loglog_slope(etas, entk_abs),
+        "dtype": jnp.dtype(dtype).name,
+    }
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table: per η the errors, then per type predicted vs actual at the smallest η."""
+    lines = [f"one SFT step on (x_u, y_u+), -log pi(y_u+|x_u) = {result['loss_u']:.3f}, dtype {result['dtype']}",
+             f"{'eta':>10} {'rel.err A.dz':>13} {'rel.err exact':>14} {'eNTK rel':>10} {'eNTK abs':>11} {'sign agree':>11}"]
+    for i, e in enumerate(result["etas"]):
+        lines.append(f"{e:>10.3g} {result['rel_error_linear'][i]:>13.3e} {result['rel_error_exact'][i]:>14.3e} "
+                     f"{result['entk_rel_error'][i]:>10.3e} {result['entk_abs_error'][i]:>11.3e} "
+                     f"{result['sign_agreement'][i]:>11.2f}")
+    lines.append(f"log-log slopes: rel.err {result['slope_rel_error_linear']:.2f}, "
+                 f"eNTK abs {result['slope_entk_abs_error']:.2f}, eNTK rel {result['slope_entk_rel_error']:.2f}")
+    k = int(np.argmin(result["etas"]))
+    lines.append(f"{'probe type':>20} {'predicted':>12} {'actual':>12}   (eta = {result['etas'][k]:g})")
+    for j, t in enumerate(result["types"]):
+        lines.append(f"{t:>20} {result['pred'][k][j]:>12.4e} {result['actual'][k][j]:>12.4e}")
+    return "\n".join(lines)

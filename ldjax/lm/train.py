@@ -1,0 +1,650 @@
+"""Training phases of the LM pipeline: pretrain, SFT, and the DPO family (optax + orbax).
+
+Every phase is one call ``phase(params, ..., cfg, *, ckpt_dir, resume, on_eval, ...)`` that
+returns a :class:`PhaseResult`. Common mechanics (:func:`run_phase`):
+
+* Optimizer (:func:`make_optimizer`): ``clip_by_global_norm(grad_clip)`` then RMSprop (PyTorch's
+  update: ν ← 0.99 ν + 0.01 g², Δθ = −η g / (√ν + 1e-8), the paper's optimizer), Adam or plain SGD,
+  with the learning rate η_t of :func:`lr_schedule` (linear warm-up from 0, then constant / linear /
+  cosine decay to 0).
+* Data order: step ``s`` (0-based) uses batch ``s mod E`` of epoch ``s // E`` (E = ⌊n / B⌋
+  drop-last batches), the epoch's order being ``jax.random.permutation(fold_in(data_key, epoch),
+  n)`` with ``data_key, sample_key = split(PRNGKey(cfg.seed))``. On-policy sampling at step ``s``
+  uses ``fold_in(sample_key, s)``. So the batch and the samples of a step depend only on
+  (seed, step): a resumed run sees exactly the data of an uninterrupted one.
+* Checkpoints (``ckpt_dir``): an ``orbax.checkpoint.CheckpointManager`` with items ``state``
+  (params, optimizer state, rng; ``StandardSave``) and ``meta`` (step, config fingerprint,
+  history; ``JsonSave``), written every ``cfg.ckpt_every`` steps and at the end of the phase.
+  ``resume=True`` restores the latest and continues; the final parameters are bit-identical to an
+  uninterrupted run. A finished phase resumes to its result without training.
+* Hooks: ``on_eval(step, params)`` at step 0 (before any update, skipped when resuming), every
+  ``cfg.eval_every`` updates and at the end; ``on_step(step, metrics)`` after every update
+  (``step`` = updates done, ``metrics`` host floats). Evaluation runs before the checkpoint of the
+  same step.
+* Every step's ``G_norm_sq`` = ‖G‖²_F, G = ∂L_batch/∂z the residual of the step's objective
+  with respect to all logits of the batch (both branches for the DPO family); the probe tracker's
+  LBK proxy uses it (:mod:`ldjax.lm.tracking`).
+
+Losses come from :mod:`ldjax.losses` only:
+
+* pretrain: ``Σ_n sft(z_n, targets_n, mask_n) / Σ mask`` — next-token cross-entropy averaged over
+  all real tokens (mask = every position whose target is not PAD);
+* SFT: the same with the response mask (prompt tokens are not trained on), i.e. the token mean of
+  ``−log π(y|x)``;
+* DPO/IPO/SLiC/SPPO: the mean over pairs of ``ldjax.losses.<name>(z⁺, z⁻, ...)``, reference
+  log-probs from the frozen reference model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from ldjax import losses
+from ldjax.data.preferences import encode_field, encode_prompt
+from ldjax.lm.config import PhaseConfig, PreferenceConfig, PretrainConfig, SFTConfig
+from ldjax.lm.decode import generate
+from ldjax.lm.model import make_apply_fn
+from ldjax.lm.tokenizer import ByteTokenizer
+
+__all__ = [
+    "PhaseResult",
+    "lr_schedule",
+    "make_optimizer",
+    "batch_indices",
+    "encode_texts",
+    "encode_ids",
+    "sft_examples",
+    "pair_examples",
+    "sequence_logprobs",
+    "sample_responses",
+    "run_phase",
+    "pretrain",
+    "sft",
+    "preference",
+    "save_params",
+    "load_params",
+]
+
+
+@dataclasses.dataclass
+class PhaseResult:
+    """What a phase returns.
+
+    Attributes:
+      params: the parameters after the last step run.
+      history: per-step lists (``step``, ``loss``, ``lr``, ``grad_norm``, ``G_norm_sq`` and the
+        phase's own metrics), ``step`` counting updates done (1-based).
+      total_steps: the phase's planned number of updates; ``step`` the updates done.
+      completed: ``step == total_steps`` (False when stopped early by ``stop_at``).
+      resumed_from: the checkpoint step resumed from (None: fresh start).
+      seconds: wall time of this call.
+      last_batch: the host arrays of the last training batch (for inspection/tests).
+    """
+
+    params: dict
+    history: dict
+    total_steps: int
+    step: int
+    completed: bool
+    resumed_from: Optional[int]
+    seconds: float
+    last_batch: Optional[dict] = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and data order
+# ----------------------------------------------------------------------------------------------
+
+
+def lr_schedule(cfg: PhaseConfig, total_steps: int) -> optax.Schedule:
+    """η_t: linear warm-up 0 → ``cfg.lr`` over ``cfg.warmup`` steps, then ``cfg.schedule``."""
+    warm = min(cfg.warmup, max(total_steps - 1, 0))
+    rest = max(total_steps - warm, 1)
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(cfg.lr, 0.0, rest)
+    else:
+        after = optax.cosine_decay_schedule(cfg.lr, rest)
+    if warm == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), after], [warm])
+
+
+def make_optimizer(cfg: PhaseConfig, total_steps: int) -> optax.GradientTransformation:
+    """``chain(clip_by_global_norm(clip), <optimizer>(η_t))`` (module docstring)."""
+    sched = lr_schedule(cfg, total_steps)
+    if cfg.optimizer == "rmsprop":
+        opt = optax.rmsprop(sched, decay=0.99, eps=1e-8, eps_in_sqrt=False)
+    elif cfg.optimizer == "adam":
+        opt = optax.adam(sched)
+    elif cfg.optimizer == "sgd":
+        opt = optax.sgd(sched)
+    else:  # config validation makes this unreachable
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+    if cfg.grad_clip:
+        return optax.chain(optax.clip_by_global_norm(float(cfg.grad_clip)), opt)
+    return opt
+
+
+def _keys(cfg: PhaseConfig):
+    data_key, sample_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    return data_key, sample_key
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_order(key_bytes: bytes, epoch: int, n: int) -> np.ndarray:
+    key = jnp.asarray(np.frombuffer(key_bytes, np.uint32))
+    return np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
+
+
+def batch_indices(data_key: jax.Array, step: int, n: int, batch_size: int) -> np.ndarray:
+    """Row indices ``(B,)`` of 0-based ``step`` (drop-last batches, reshuffled every epoch)."""
+    per_epoch = n // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"{n} examples give no full batch of {batch_size}")
+    epoch, b = divmod(int(step), per_epoch)
+    order = _epoch_order(np.asarray(data_key, np.uint32).tobytes(), epoch, n)
+    return order[b * batch_size:(b + 1) * batch_size]
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> dict:
+    """Pretraining examples: each text becomes ``[BOS] + ids + [EOS]``, cut into windows of
+    ``max_len`` tokens overlapping by one token (so every token but BOS is a target exactly once).
+
+    Returns ``tokens``, ``targets`` int32 and ``mask`` bool, ``(N_windows, max_len)``; ``mask`` is
+    True wherever the target is a real token (not PAD).
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2, got {max_len}")
+    rows = []
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"texts[{i}] is a {type(t).__name__}, not a str")
+        ids = [tokenizer.bos_id] + tokenizer.encode(t) + [tokenizer.eos_id]
+        for s in range(0, max(len(ids) - 1, 1), max_len - 1):
+            rows.append(ids[s:s + max_len])
+    if not rows:
+        raise ValueError("no pretraining text")
+    tokens = np.full((len(rows), max_len), tokenizer.pad_id, np.int32)
+    for r, w in enumerate(rows):
+        tokens[r, :len(w)] = w
+    targets = np.full_like(tokens, tokenizer.pad_id)
+    targets[:, :-1] = tokens[:, 1:]
+    lengths = np.array([len(w) for w in rows])
+    mask = np.arange(max_len)[None, :] < (lengths[:, None] - 1)
+    return {"tokens": tokens, "targets": targets, "mask": mask}
+
+
+def encode_ids(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+               max_len: int, pad_id: int = ByteTokenizer.pad_id) -> dict:
+    """Teacher-forcing arrays from token ids (e.g. decoded responses), the layout of
+    :func:`ldjax.data.preferences.encode_example`: ``tokens = prompt_ids + response_ids`` (the
+    prompt already starts with BOS; the response ends with EOS only if the model produced one),
+    ``targets[t] = tokens[t+1]``, ``mask[t]`` True where ``targets[t]`` is a response token.
+    Responses are cut to fit ``max_len``. Returns ``(N, max_len)`` arrays."""
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    n = len(prompt_ids)
+    tokens = np.full((n, max_len), pad_id, np.int32)
+    mask = np.zeros((n, max_len), bool)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        p = list(p)
+        if not 1 <= len(p) < max_len:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; need 1 <= len < max_len={max_len}")
+        r = list(r)[:max_len - len(p)]
+        seq = p + r
+        tokens[i, :len(seq)] = seq
+        mask[i, len(p) - 1:len(seq) - 1] = True
+    targets = np.full_like(tokens, pad_id)
+    targets[:, :-1] = tokens[:, 1:]
+    return {"tokens": tokens, "targets": targets, "mask": mask}
+
+
+def sft_examples(tokenizer, records: Sequence[dict], *, max_len: int, max_prompt_len: int,
+                 extend: bool = False) -> dict:
+    """SFT examples: (x, y⁺) for every record, plus (x, y⁻) when ``extend`` (the paper's remedy).
+    ``(N or 2N, max_len)`` arrays from :func:`ldjax.data.preferences.encode_field`."""
+    kw = dict(max_len=max_len, max_prompt_len=max_prompt_len)
+    data = encode_field(tokenizer, records, "chosen", **kw)
+    if extend:
+        neg = encode_field(tokenizer, records, "rejected", **kw)
+        data = {k: np.concatenate([data[k], neg[k]]) for k in data}
+    return data
+
+
+def pair_examples(tokenizer, records: Sequence[dict], *, max_len: int, max_prompt_len: int):
+    """``(pos, neg)``: the (x, y⁺) and (x, y⁻) arrays of every record, ``(N, max_len)`` each."""
+    kw = dict(max_len=max_len, max_prompt_len=max_prompt_len)
+    return (encode_field(tokenizer, records, "chosen", **kw),
+            encode_field(tokenizer, records, "rejected", **kw))
+
+
+@functools.lru_cache(maxsize=16)
+def _logprob_fn(lm_config):
+    apply_fn = make_apply_fn(lm_config)
+
+    @jax.jit
+    def f(params, tokens, targets, mask):
+        return losses.sequence_logprob(apply_fn(params, tokens), targets, mask)
+
+    return f
+
+
+def sequence_logprobs(params, lm_config, data: dict, batch_size: int = 64) -> np.ndarray:
+    """log π(y|x) = Σ_t mask_t log π(targets_t) of every row of ``data``, ``(N,)`` float64.
+
+    Rows go through one jitted forward in chunks of ``batch_size`` (the last chunk padded)."""
+    f = _logprob_fn(lm_config)
+    n = data["tokens"].shape[0]
+    out = []
+    for s in range(0, n, batch_size):
+        chunk = {k: data[k][s:s + batch_size] for k in ("tokens", "targets", "mask")}
+        m = chunk["tokens"].shape[0]
+        if m < batch_size and n > batch_size:
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - m, 0)]) for k, v in chunk.items()}
+        out.append(np.asarray(f(params, chunk["tokens"], chunk["targets"], chunk["mask"]))[:m])
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0,))
+
+
+def sample_responses(params, lm_config, prompt_ids: Sequence[Sequence[int]], key: jax.Array, *,
+                     max_new_tokens: int, temperature: float = 1.0, tokenizer=None) -> dict:
+    """On-policy responses: ``y ~ π_θ(·|x)`` for each prompt (KV-cache
+    :func:`ldjax.lm.decode.generate`, EOS kept when produced), encoded with :func:`encode_ids`.
+    ``max_new_tokens`` is capped by the context left after the longest prompt."""
+    tok = tokenizer or ByteTokenizer()
+    room = lm_config.max_len - max(len(p) for p in prompt_ids)
+    new = generate(params, lm_config, [list(p) for p in prompt_ids], max(1, min(max_new_tokens, room)),
+                   temperature=temperature, key=key, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                   include_eos=True)
+    return encode_ids(prompt_ids, new, lm_config.max_len, tok.pad_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step functions (jitted, cached per configuration)
+# ----------------------------------------------------------------------------------------------
+
+
+def _finish(tx, params, opt_state, grads, G, obj, aux, sched, count):
+    gnorm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(aux, loss=obj, grad_norm=gnorm, G_norm_sq=jnp.sum(jnp.square(G)), lr=sched(count))
+    return params, opt_state, metrics
+
+
+@functools.lru_cache(maxsize=32)
+def _lm_step(lm_config, cfg: PhaseConfig, total: int):
+    """``(params, opt_state, batch, count) -> (params, opt_state, metrics)`` on the token-mean
+    cross-entropy ``Σ_n losses.sft(z_n, y_n, mask_n) / Σ mask`` (pretrain and SFT)."""
+    apply_fn = make_apply_fn(lm_config)
+    tx = make_optimizer(cfg, total)
+    sched = lr_schedule(cfg, total)
+
+    def objective(logits, batch):
+        per = losses.sft(logits, batch["targets"], batch["mask"])  # (B,) = −log π(y|x)
+        ntok = jnp.maximum(jnp.sum(batch["mask"]), 1)
+        return jnp.sum(per) / ntok, {"seq_loss": jnp.mean(per), "tokens": ntok}
+
+    @jax.jit
+    def step(params, opt_state, batch, count):
+        logits, vjp = jax.vjp(lambda p: apply_fn(p, batch["tokens"]), params)
+        (obj, aux), G = jax.value_and_grad(objective, has_aux=True)(logits, batch)
+        (grads,) = vjp(G)
+        return _finish(tx, params, opt_state, grads, G, obj, aux, sched, count)
+
+    return step
+
+
+def _pair_kwargs(cfg: PreferenceConfig) -> dict:
+    if cfg.loss in ("dpo", "ipo"):
+        return {"beta": cfg.beta}
+    if cfg.loss == "sppo":
+        return {"beta": cfg.beta, "c": cfg.c}
+    return {"delta": cfg.delta, "lam": cfg.lam}
+
+
+@functools.lru_cache(maxsize=32)
+def _pair_step(lm_config, cfg: PreferenceConfig, total: int):
+    """DPO-family step: ``(params, opt_state, batch, count, ref_params) -> ...``; the pair is one
+    forward of the stacked ``(2B, T)`` batch. ``ref_params`` is None when the batch carries
+    ``ref_pos``/``ref_neg``."""
+    apply_fn = make_apply_fn(lm_config)
+    tx = make_optimizer(cfg, total)
+    sched = lr_schedule(cfg, total)
+    loss_fn = losses.PAIRWISE[cfg.loss]
+    hyper = _pair_kwargs(cfg)
+
+    def objective(logits, batch, ref_pos, ref_neg):
+        b = batch["pos_tokens"].shape[0]
+        zp, zn = logits[:b], logits[b:]
+        per = loss_fn(zp, zn, targets_pos=batch["pos_targets"], targets_neg=batch["neg_targets"],
+                      mask_pos=batch["pos_mask"], mask_neg=batch["neg_mask"],
+                      ref_logp_pos=ref_pos, ref_logp_neg=ref_neg, **hyper)
+        lp = losses.sequence_logprob(zp, batch["pos_targets"], batch["pos_mask"])
+        ln = losses.sequence_logprob(zn, batch["neg_targets"], batch["neg_mask"])
+        margin = (lp - ref_pos) - (ln - ref_neg)
+        aux = {"logp_pos": jnp.mean(lp), "logp_neg": jnp.mean(ln), "margin": jnp.mean(margin),
+               "acc": jnp.mean((margin > 0).astype(jnp.float32))}
+        return jnp.mean(per), aux
+
+    @jax.jit
+    def step(params, opt_state, batch, count, ref_params):
+        tokens = jnp.concatenate([batch["pos_tokens"], batch["neg_tokens"]])
+        if ref_params is None:
+            ref_pos, ref_neg = batch["ref_pos"], batch["ref_neg"]
+        else:
+            b = batch["pos_tokens"].shape[0]
+            zr = apply_fn(ref_params, tokens)
+            ref_pos = losses.sequence_logprob(zr[:b], batch["pos_targets"], batch["pos_mask"])
+            ref_neg = losses.sequence_logprob(zr[b:], batch["neg_targets"], batch["neg_mask"])
+        logits, vjp = jax.vjp(lambda p: apply_fn(p, tokens), params)
+        (obj, aux), G = jax.value_and_grad(objective, has_aux=True)(logits, batch, ref_pos, ref_neg)
+        (grads,) = vjp(G)
+        return _finish(tx, params, opt_state, grads, G, obj, aux, sched, count)
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _lm_fingerprint(lm_config) -> dict:
+    d = dataclasses.asdict(lm_config)
+    d["dtype"] = jnp.dtype(lm_config.dtype).name
+    return d
+
+
+def _manager(ckpt_dir, max_to_keep: int = 2):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(Path(ckpt_dir).absolute(), options=options, item_names=("state", "meta"))
+
+
+def save_params(path, params, meta: Optional[dict] = None) -> None:
+    """Write parameters (and a JSON ``meta``) as a one-step orbax checkpoint under ``path``."""
+    import orbax.checkpoint as ocp
+
+    mngr = _manager(path, max_to_keep=1)
+    try:
+        mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+                                             meta=ocp.args.JsonSave(meta or {})), force=True)
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+
+
+def load_params(path, like) -> tuple:
+    """Read what :func:`save_params` wrote: ``(params, meta)``; ``like`` gives the structure."""
+    import orbax.checkpoint as ocp
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no parameter checkpoint at {path}")
+    mngr = _manager(path, max_to_keep=1)
+    try:
+        step = mngr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no parameter checkpoint at {path}")
+        r = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore({"params": like}), meta=ocp.args.JsonRestore()))
+    finally:
+        mngr.close()
+    return r["state"]["params"], r["meta"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The generic loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _host(tree):
+    return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def run_phase(name: str, cfg: PhaseConfig, n: int, params, step_fn: Callable, get_batch: Callable, *,
+              fingerprint: dict, ckpt_dir=None, resume: bool = False,
+              on_eval: Optional[Callable] = None, on_step: Optional[Callable] = None,
+              stop_at: Optional[int] = None, progress: bool = True, max_to_keep: int = 2) -> PhaseResult:
+    """The loop shared by all phases (module docstring).
+
+    Args:
+      name: phase name (progress bar, errors).
+      cfg: the phase's optimisation config; ``n``: number of training examples.
+      params: θ_0 of the phase.
+      step_fn: ``(params, opt_state, batch, count) -> (params, opt_state, metrics)``.
+      get_batch: ``(indices (B,), step, params, sample_key) -> batch`` (host arrays).
+      fingerprint: JSON-able description of everything that must match to resume.
+      ckpt_dir: orbax folder (None: no checkpoints); ``resume``: continue from its latest step.
+      on_eval, on_step: hooks (module docstring).
+      stop_at: stop after this many updates (a checkpoint is written there); resume later.
+    """
+    t0 = time.time()
+    total = cfg.total_steps(n)
+    tx = make_optimizer(cfg, total)
+    opt_state = tx.init(params)
+    data_key, sample_key = _keys(cfg)
+    history = {"step": []}
+    start, resumed_from = 0, None
+    fingerprint = dict(fingerprint, phase=name, n=int(n), total_steps=int(total),
+                       config=dataclasses.asdict(cfg))
+    fingerprint = _jsonable(fingerprint)
+    if resume and ckpt_dir is None:
+        raise ValueError(f"{name}: resume=True needs ckpt_dir")
+    mngr = None
+    if ckpt_dir is not None:
+        import orbax.checkpoint as ocp
+
+        mngr = _manager(ckpt_dir, max_to_keep)
+        latest = mngr.latest_step()
+        if latest is not None and not resume:
+            mngr.close()
+            raise ValueError(f"{ckpt_dir} already holds {name} checkpoints (latest step {latest}); "
+                             "pass resume=True (--resume) or use an empty folder")
+        if latest is not None:
+            target = {"params": params, "opt_state": opt_state, "rng": data_key}
+            r = mngr.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            saved = r["meta"]["fingerprint"]
+            if saved != fingerprint:
+                diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
+                mngr.close()
+                raise ValueError(f"{ckpt_dir}: the {name} checkpoint was written with another "
+                                 f"configuration (field: (saved, now)) {diff}")
+            params, opt_state = r["state"]["params"], r["state"]["opt_state"]
+            data_key = r["state"]["rng"]
+            history = r["meta"]["history"]
+            start = resumed_from = int(r["meta"]["step"])
+
+    def save(step):
+        if mngr is None:
+            return
+        import orbax.checkpoint as ocp
+
+        meta = {"step": step, "fingerprint": fingerprint, "history": history}
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "rng": data_key}),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    batch = None
+    step = start
+    bar = tqdm(total=total, initial=start, disable=not progress, desc=name, unit="step",
+               mininterval=2.0)
+    try:
+        if start == 0 and on_eval is not None:
+            on_eval(0, params)
+        end = total if stop_at is None else min(total, max(int(stop_at), start))
+        for s in range(start, end):
+            idx = batch_indices(data_key, s, n, cfg.batch_size)
+            batch = get_batch(idx, s, params, sample_key)
+            params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.asarray(s))
+            metrics = _host(metrics)
+            step = s + 1
+            history["step"].append(step)
+            for k, v in metrics.items():
+                history.setdefault(k, []).append(v)
+            if on_step is not None:
+                on_step(step, metrics)
+            bar.update(1)
+            if step % 5 == 0 or step == end:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if on_eval is not None and (step % cfg.eval_every == 0 or step == total):
+                on_eval(step, params)
+            if step % cfg.ckpt_every == 0 or step == total or step == end:
+                save(step)
+    finally:
+        bar.close()
+        if mngr is not None:
+            mngr.wait_until_finished()
+            mngr.close()
+    return PhaseResult(params, history, total, step, step == total, resumed_from, time.time() - t0,
+                       None if batch is None else {k: np.asarray(v) for k, v in batch.items()
+                                                   if not isinstance(v, (list, tuple))})
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    return x
+
+
+def _check_data(data: dict, lm_config, what: str) -> dict:
+    for k in ("tokens", "targets", "mask"):
+        if k not in data:
+            raise ValueError(f"{what}: missing array {k!r}")
+    t = np.asarray(data["tokens"])
+    if t.ndim != 2 or t.shape[1] > lm_config.max_len:
+        raise ValueError(f"{what}: tokens must be (N, T) with T <= max_len={lm_config.max_len}, got {t.shape}")
+    for k in ("targets", "mask"):
+        if np.shape(data[k]) != t.shape:
+            raise ValueError(f"{what}: {k} has shape {np.shape(data[k])}, tokens {t.shape}")
+    if not np.any(data["mask"]):
+        raise ValueError(f"{what}: the mask selects no token")
+    return {k: np.asarray(data[k]) for k in ("tokens", "targets", "mask")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Phases
+# ----------------------------------------------------------------------------------------------
+
+
+def _lm_phase(name, params, lm_config, data, cfg, **kw) -> PhaseResult:
+    data = _check_data(data, lm_config, name)
+    n = data["tokens"].shape[0]
+    step = _lm_step(lm_config, cfg, cfg.total_steps(n))
+
+    def get_batch(idx, s, params, key):
+        return {k: v[idx] for k, v in data.items()}
+
+    return run_phase(name, cfg, n, params, step, get_batch,
+                     fingerprint={"model": _lm_fingerprint(lm_config)}, **kw)
+
+
+def pretrain(params, lm_config, texts: Sequence[str] | dict, cfg: PretrainConfig = PretrainConfig(),
+             *, tokenizer=None, ckpt_dir=None, resume: bool = False, on_eval=None, on_step=None,
+             stop_at: Optional[int] = None, progress: bool = True) -> PhaseResult:
+    """Next-token pretraining, the token mean of ``ldjax.losses.sft`` over every real token.
+
+    ``texts``: a list of documents (encoded by :func:`encode_texts`: windows of ``max_len`` with
+    BOS/EOS) or already-encoded ``tokens/targets/mask`` arrays. The pipeline's default text is
+    the *prompts* of the training records — HH dialogues with their Human and earlier Assistant
+    turns — without the final chosen/rejected responses (``DataConfig.pretrain_source``; the
+    alternatives add prompt + chosen, or prompt + chosen and prompt + rejected, as dialogues).
+    Other arguments: :func:`run_phase`.
+    """
+    data = texts if isinstance(texts, dict) else encode_texts(tokenizer or ByteTokenizer(), texts,
+                                                                lm_config.max_len)
+    return _lm_phase("pretrain", params, lm_config, data, cfg, ckpt_dir=ckpt_dir, resume=resume,
+                     on_eval=on_eval, on_step=on_step, stop_at=stop_at, progress=progress)
+
+
+def sft(params, lm_config, records: Sequence[dict] | dict, cfg: SFTConfig = SFTConfig(), *,
+        max_prompt_len: int = 128, tokenizer=None, ckpt_dir=None, resume: bool = False,
+        on_eval=None, on_step=None, stop_at: Optional[int] = None,
+        progress: bool = True) -> PhaseResult:
+    """Supervised finetuning on responses only: token mean of ``ldjax.losses.sft(z, y, mask)``,
+    the mask selecting the positions that predict response tokens (incl. EOS).
+
+    ``records`` with ``prompt``/``chosen`` (and ``rejected`` when ``cfg.extend``: the paper's
+    remedy trains on (x, y⁺) and (x, y⁻)), or encoded arrays.
+    """
+    if isinstance(records, dict):
+        data = records
+    else:
+        data = sft_examples(tokenizer or ByteTokenizer(), records, max_len=lm_config.max_len,
+                            max_prompt_len=max_prompt_len, extend=cfg.extend)
+    return _lm_phase("sft-extend" if cfg.extend else "sft", params, lm_config, data, cfg,
+                     ckpt_dir=ckpt_dir, resume=resume, on_eval=on_eval, on_step=on_step,
+                     stop_at=stop_at, progress=progress)
+
+
+def preference(params, ref_params, lm_config, records: Sequence[dict],
+               cfg: PreferenceConfig = PreferenceConfig(), *, max_prompt_len: int = 128,
+               tokenizer=None, ckpt_dir=None, resume: bool = False, on_eval=None, on_step=None,
+               stop_at: Optional[int] = None, progress: bool = True) -> PhaseResult:
+    """DPO / IPO / SLiC / SPPO (``cfg.loss``) against the frozen reference ``ref_params``.
+
+    Off-policy (default): pairs (x, y⁺, y⁻) from ``records``; with ``cfg.ref_logp="dataset"`` the
+    reference log-probs of all pairs are computed once before training, else per batch.
+    On-policy (``cfg.on_policy``, SPIN-style): at every step y⁻ is sampled from the current policy
+    at temperature ``cfg.temperature`` (:func:`sample_responses`, key ``fold_in(sample_key, step)``),
+    y⁺ stays the dataset's chosen, and both reference log-probs are computed for the batch.
+    The objective is the batch mean of ``ldjax.losses.<cfg.loss>``.
+    """
+    tok = tokenizer or ByteTokenizer()
+    records = list(records)
+    pos, neg = pair_examples(tok, records, max_len=lm_config.max_len, max_prompt_len=max_prompt_len)
+    n = pos["tokens"].shape[0]
+    total = cfg.total_steps(n)
+    step_fn = _pair_step(lm_config, cfg, total)
+    per_batch_ref = cfg.on_policy or cfg.ref_logp == "batch"
+    ref_pos = ref_neg = None
+    if not per_batch_ref:
+        ref_pos = sequence_logprobs(ref_params, lm_config, pos).astype(np.float32)
+        ref_neg = sequence_logprobs(ref_params, lm_config, neg).astype(np.float32)
+    prompts = [encode_prompt(tok, r["prompt"], max_prompt_len=max_prompt_len) for r in records]
+
+    def get_batch(idx, s, params, sample_key):
+        b = {f"pos_{k}": pos[k][idx] for k in ("tokens", "targets", "mask")}
+        if cfg.on_policy:
+            smp = sample_responses(params, lm_config, [prompts[i] for i in idx],
+                                   jax.random.fold_in(sample_key, s), max_new_tokens=cfg.max_new_tokens,
+                                   temperature=cfg.temperature, tokenizer=tok)
+        else:
+            smp = {k: neg[k][idx] for k in ("tokens", "targets", "mask")}
+        b.update({f"neg_{k}": v for k, v in smp.items()})
+        if not per_batch_ref:
+            b["ref_pos"], b["ref_neg"] = ref_pos[idx], ref_neg[idx]
+        return b
+
+    def step(params, opt_state, batch, count):
+        return step_fn(params, opt_state, batch, count, ref_params if per_batch_ref else None)
+
+    name = f"{cfg.loss}{'-onpolicy' if cfg.on_policy else ''}"
+    return run_phase(name, cfg, n, params, step, get_batch,
+                     fingerprint={"model": _lm_fingerprint(lm_config)}, ckpt_dir=ckpt_dir,
+                     resume=resume, on_eval=on_eval, on_step=on_step, stop_at=stop_at,
+                     progress=progress)
