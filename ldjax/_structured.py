@@ -37,6 +37,8 @@ class Site:
     n_x_free: number of free (site-position) axes of the activation.
     out_perm: permutation of the output's axes to ``(activation-free..., parameter-free...)``.
     vocab: table size for ``"gather"`` sites (the one-hot width), else 0.
+    bias: leaf index of a bias added right after the product (``y = x W + b``), else -1. Its
+      Jacobian is ``Σ_s δ_s``, so it joins the site as one more activation column of ones.
   """
   leaf: int
   path: tuple
@@ -46,6 +48,7 @@ class Site:
   n_x_free: int
   out_perm: tuple
   vocab: int = 0
+  bias: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,19 +112,66 @@ def _gather_site(eqn, leaf: int, path: tuple):
               tuple(range(out.ndim)), vocab=int(op.shape[0]))
 
 
-def _walk(jaxpr, alias: dict, path: tuple, uses: list, cands: dict) -> None:
+_RESHAPES = ("reshape", "broadcast_in_dim", "convert_element_type", "expand_dims")
+
+
+def _bias_fits(site: Site, y_aval, b_aval, leaf_shape) -> bool:
+  """A 1-D bias of the product's output width, broadcast over the site positions only."""
+  if site.kind != "dot" or site.x_index != 0 or len(leaf_shape) != 1:
+    return False
+  nx = site.n_x_free
+  w_free = tuple(y_aval.shape[nx:])
+  if int(np.prod(w_free, dtype=np.int64)) != leaf_shape[0] or len(w_free) != 1:
+    return False
+  shp = tuple(b_aval.shape)
+  return shp[-1:] == w_free and all(d == 1 for d in shp[:-1])
+
+
+def _walk(jaxpr, alias: dict, path: tuple, uses: list, cands: dict, leaf_shapes=None,
+          bias: dict = None) -> None:
+  bias = {} if bias is None else bias
+  consumers: dict = {}
+  for eqn in jaxpr.eqns:
+    for v in eqn.invars:
+      if _is_var(v):
+        consumers[v] = consumers.get(v, 0) + 1
+  for v in jaxpr.outvars:
+    if _is_var(v):
+      consumers[v] = consumers.get(v, 0) + 1
+  bias_alias: dict = {}   # var -> leaf: a reshaped/broadcast 1-D parameter, use not yet counted
+  site_out: dict = {}     # var -> site: output of a candidate dot site
   for i, eqn in enumerate(jaxpr.eqns):
-    ins = [(k, alias[v]) for k, v in enumerate(eqn.invars) if _is_var(v) and v in alias]
-    if not ins:
-      continue
     name = eqn.primitive.name
-    if name == "convert_element_type" and len(eqn.invars) == 1:
-      alias[eqn.outvars[0]] = ins[0][1]
+    ins = [(k, alias[v]) for k, v in enumerate(eqn.invars) if _is_var(v) and v in alias]
+    bins = [(k, bias_alias[v]) for k, v in enumerate(eqn.invars) if _is_var(v) and v in bias_alias]
+    if not ins and not bins:
+      continue
+    if name in _RESHAPES and len(eqn.invars) == 1 and (ins or bins):
+      leaf = (ins or bins)[0][1]
+      if name == "convert_element_type" and ins:
+        alias[eqn.outvars[0]] = leaf
+      elif leaf_shapes is not None and len(leaf_shapes[leaf]) == 1:
+        bias_alias[eqn.outvars[0]] = leaf
+      else:
+        uses[leaf] += 1
+      continue
+    if name == "add" and len(bins) == 1 and not ins and len(eqn.invars) == 2:
+      k, leaf = bins[0]
+      y = eqn.invars[1 - k]
+      site = site_out.get(y) if _is_var(y) else None
+      if (site is not None and consumers.get(y, 0) == 1 and leaf_shapes is not None
+          and _bias_fits(site, y.aval, eqn.invars[k].aval, leaf_shapes[leaf])):
+        uses[leaf] += 1
+        bias.setdefault(leaf, []).append(site.path)
+        continue
+    for _, leaf in bins:   # any other use of a reshaped parameter: no structure
+      uses[leaf] += 1
+    if not ins:
       continue
     inner, _ = _inner(eqn) if name in _CALLS else (None, ())
     if inner is not None:
       inner_alias = {inner.invars[k]: leaf for k, leaf in ins}
-      _walk(inner, inner_alias, path + (i,), uses, cands)
+      _walk(inner, inner_alias, path + (i,), uses, cands, leaf_shapes, bias)
       for ov in inner.outvars:
         if _is_var(ov) and ov in inner_alias:   # a parameter leaves the call: no structure
           uses[inner_alias[ov]] += 2
@@ -135,9 +185,12 @@ def _walk(jaxpr, alias: dict, path: tuple, uses: list, cands: dict) -> None:
       uses[leaf] += 1
     if site is not None:
       cands.setdefault(site.leaf, []).append(site)
+      site_out[eqn.outvars[0]] = site
   for ov in jaxpr.outvars:
     if _is_var(ov) and ov in alias:
       uses[alias[ov]] += 2
+    if _is_var(ov) and ov in bias_alias:
+      uses[bias_alias[ov]] += 2
 
 
 def make_plan(closed_jaxpr, n_leaves: int, structured: bool = True) -> Plan:
@@ -146,12 +199,19 @@ def make_plan(closed_jaxpr, n_leaves: int, structured: bool = True) -> Plan:
     return Plan((), tuple(range(n_leaves)), n_leaves)
   jaxpr = closed_jaxpr.jaxpr
   alias = {jaxpr.invars[i]: i for i in range(n_leaves)}
+  leaf_shapes = [tuple(jaxpr.invars[i].aval.shape) for i in range(n_leaves)]
   uses = [0] * n_leaves
   cands: dict = {}
-  _walk(jaxpr, alias, (), uses, cands)
-  sites = tuple(cands[l][0] for l in range(n_leaves) if uses[l] == 1 and len(cands.get(l, ())) == 1)
-  done = {s.leaf for s in sites}
-  return Plan(sites, tuple(l for l in range(n_leaves) if l not in done), n_leaves)
+  bias: dict = {}
+  _walk(jaxpr, alias, (), uses, cands, leaf_shapes, bias)
+  sites = [cands[l][0] for l in range(n_leaves) if uses[l] == 1 and len(cands.get(l, ())) == 1]
+  by_path = {s.path: k for k, s in enumerate(sites)}
+  for leaf, paths in bias.items():
+    if uses[leaf] == 1 and len(paths) == 1 and paths[0] in by_path:
+      k = by_path[paths[0]]
+      sites[k] = dataclasses.replace(sites[k], bias=leaf)
+  done = {s.leaf for s in sites} | {s.bias for s in sites if s.bias >= 0}
+  return Plan(tuple(sites), tuple(l for l in range(n_leaves) if l not in done), n_leaves)
 
 
 def _bind(eqn, invals):
@@ -170,7 +230,10 @@ def _site_x(site: Site, invals) -> jax.Array:
     return oh.reshape(-1, site.vocab)
   x = jnp.transpose(x, site.x_perm)
   s = int(np.prod(x.shape[:site.n_x_free], dtype=np.int64))
-  return x.reshape(s, -1)
+  x = x.reshape(s, -1)
+  if site.bias >= 0:
+    x = jnp.concatenate([x, jnp.ones((s, 1), x.dtype)], axis=1)
+  return x
 
 
 def evaluate(closed_jaxpr, args: Sequence[Any], plan: Plan, eps: Sequence[jax.Array]):
@@ -234,5 +297,6 @@ def site_dims(closed_jaxpr, plan: Plan) -> list:
       C = s.vocab
     else:
       C = int(np.prod([xa.shape[d] for d in s.x_perm[s.n_x_free:]], dtype=np.int64))
+      C += 1 if s.bias >= 0 else 0
     dims.append((S, C, F))
   return dims

@@ -55,11 +55,33 @@ def check_batched(x: Any, name: str) -> int:
   return n
 
 
+def avals_key(tree: Any) -> tuple:
+  """A hashable key of a pytree's structure, shapes and dtypes."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, tuple((np.shape(l), str(getattr(l, "dtype", type(l).__name__))) for l in leaves)
+
+
+_SHAPES: dict = {}
+
+
+def _eval_shape(f, params, x):
+  try:
+    key = (f, avals_key(params), avals_key(x))
+    hash(key)
+  except TypeError:
+    return jax.eval_shape(f, params, x)
+  if key not in _SHAPES:
+    if len(_SHAPES) > 256:
+      _SHAPES.clear()
+    _SHAPES[key] = jax.eval_shape(f, params, x)
+  return _SHAPES[key]
+
+
 def logits_shape(f: Callable, params: Any, x: Any, name: str) -> tuple[int, ...]:
   """Shape of ``f(params, x)`` by abstract evaluation; a clear error if they do not fit."""
   n = check_batched(x, name)
   try:
-    out = jax.eval_shape(f, params, x)
+    out = _eval_shape(f, params, x)
   except Exception as e:  # noqa: BLE001 - re-raised with context
     shapes = jax.tree_util.tree_map(np.shape, x)
     raise ValueError(

@@ -109,8 +109,8 @@ def decompose(apply_fn: Callable, params: Any, x_o: Any, x_u: Any, loss_fn: Call
     raise ValueError(f"method must be 'vp' or 'blocks', got {method!r}")
   xs = _branches(x_u)
   f, p = trainable_fn(apply_fn, params)
-  _validate.logits_shape(f, p, x_o, "x_o")
-  shapes = [_validate.logits_shape(f, p, x, f"x_u[{k}]") for k, x in enumerate(xs)]
+  _validate.logits_shape(apply_fn, params, x_o, "x_o")
+  shapes = [_validate.logits_shape(apply_fn, params, x, f"x_u[{k}]") for k, x in enumerate(xs)]
   kw = dict(loss_kwargs or {})
   logits_o, logits_u = _forward(apply_fn, len(xs), params, x_o, xs)
   _validate.check_finite(logits_o, "logits of x_o")

@@ -107,6 +107,9 @@ def _site_orders(dims, n_o, n_u, m, l, vp, diag):
   """Per site, ``"gram"`` (contract activations first) or ``"jac"`` (build x ⊗ δ), by FLOPs."""
   orders = []
   for S, C, F in dims:
+    if S == 1:
+      orders.append("pair")
+      continue
     out = m * l * vp * (1 if diag else vp)
     gram = n_o * n_u * (S * S * C + S * S * l * vp * F + out * S * F)
     jac = (n_o * m + n_u * l) * vp * S * C * F + n_o * n_u * out * C * F
@@ -114,17 +117,25 @@ def _site_orders(dims, n_o, n_u, m, l, vp, diag):
   return tuple(orders)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _contract(reduction, orders, fo, fu):
-  """K block ``(n_o, n_u, M, L, V', V')`` (or ``(..., V')`` for the diagonal reductions)."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _contract(reduction, orders, batches, fo, fu):
+  """K block ``(n_o, n_u, M, L, V', V')`` (or ``(..., V')`` for the diagonal reductions).
+
+  ``orders`` picks per site how to contract (:func:`_site_orders`); ``batches`` how many x_o
+  examples share one "gram" intermediate (memory).
+  """
   Jo, Do, Xo = fo
   Ju, Du, Xu = fu
   diag = reduction in ("diagonal", "trace")
   K = 0.0
   for jo, ju in zip(Jo, Ju):
     K = K + jnp.einsum("omip,ulip->oumli" if diag else "omip,uljp->oumlij", jo, ju)
-  for do, xo, du, xu, order in zip(Do, Xo, Du, Xu, orders):
-    if order == "gram":
+  for do, xo, du, xu, order, batch in zip(Do, Xo, Du, Xu, orders, batches):
+    if order == "pair":     # one site position (a plain Dense layer): ⟨x_o,x_u⟩ ⟨δ_o,δ_u⟩
+      X = jnp.einsum("oc,uc->ou", xo[:, 0], xu[:, 0])
+      P = jnp.einsum("omif,ulif->oumli" if diag else "omif,uljf->oumlij", do[..., 0, :], du[..., 0, :])
+      K = K + P * X.reshape(X.shape + (1,) * (P.ndim - 2))
+    elif order == "gram":   # ⟨x_o,s, x_u,t⟩ first, then the cotangents
       X = jnp.einsum("osc,utc->oust", xo, xu)
 
       def one(args, du=du):
@@ -132,8 +143,11 @@ def _contract(reduction, orders, fo, fu):
         Z = jnp.einsum("ust,uljtf->usljf", x_o, du)
         return jnp.einsum("misf,uslif->umli" if diag else "misf,usljf->umlij", d_o, Z)
 
-      K = K + jax.lax.map(one, (X, do))
-    else:
+      if batch >= X.shape[0]:
+        K = K + jax.vmap(one)((X, do))
+      else:
+        K = K + jax.lax.map(one, (X, do), batch_size=batch)
+    else:                   # build the per-row Jacobians x ⊗ δ
       jo = jnp.einsum("osc,omisf->omicf", xo, do)
       ju = jnp.einsum("utc,ulitf->ulicf", xu, du)
       K = K + jnp.einsum("omicf,ulicf->oumli" if diag else "omicf,uljcf->oumlij", jo, ju)
@@ -215,18 +229,27 @@ def _jaxpr_flops(jaxpr) -> float:
 class _Problem:
   """Shapes and the structured plan of one ``entk`` call (host-side, no FLOPs)."""
 
+  _CACHE: dict = {}
+
   def __init__(self, apply_fn, variables, x_o, x_u, reduction, pos_o, pos_u, v):
     f, params = trainable_fn(apply_fn, variables)
-    self.f1, self.leaves, self.closed, self.plan = _trace_example(apply_fn, variables, x_o, True)
-    self.dims = _structured.site_dims(self.closed, self.plan)
-    self.leaf_sizes = [int(np.prod(np.shape(l))) for l in self.leaves]
+    x0 = jax.tree_util.tree_map(lambda a: a[0], x_o)
+    key = (apply_fn, _validate.avals_key(variables), _validate.avals_key(x0))
+    if key not in self._CACHE:
+      if len(self._CACHE) > 64:
+        self._CACHE.clear()
+      _, leaves, closed, plan = _trace_example(apply_fn, variables, x_o, True)
+      self._CACHE[key] = (plan, _structured.site_dims(closed, plan),
+                          [int(np.prod(np.shape(l))) for l in leaves],
+                          _jaxpr_flops(closed.jaxpr))
+    self.plan, self.dims, self.leaf_sizes, flops = self._CACHE[key]
     self.n_o, self.m = pos_o.shape
     self.n_u, self.l = pos_u.shape
     self.v = v
     self.vp = 1 if reduction == "sum_logits" else v
     self.diag = reduction in ("diagonal", "trace")
     self.itemsize = np.dtype(jax.tree_util.tree_leaves(params)[0].dtype).itemsize
-    self.f1_flops = max(_jaxpr_flops(self.closed.jaxpr), 2.0 * sum(self.leaf_sizes))
+    self.f1_flops = max(flops, 2.0 * sum(self.leaf_sizes))
 
   def floats_per_row(self, implementation):
     """Feature floats per output row (one position and one logit of one example)."""
@@ -248,7 +271,9 @@ class _Problem:
     fb = sum(self.leaf_sizes[l] for l in self.plan.fallback)
     sites = 0.0
     for (S, C, F), order in zip(self.dims, _site_orders(self.dims, 1, 1, self.m, self.l, self.vp, self.diag)):
-      if order == "gram":
+      if order == "pair":
+        sites += C + (pairs / (self.n_o * self.n_u)) * F
+      elif order == "gram":
         sites += S * S * C + S * S * self.l * self.vp * F + (pairs / (self.n_o * self.n_u)) * S * F
       else:
         sites += (self.m + self.l) * self.vp * S * C * F + (pairs / (self.n_o * self.n_u)) * C * F
@@ -280,14 +305,14 @@ def _take(x, idx):
 def _setup(apply_fn, params, x_o, x_u, reduction, mask_o, mask_u):
   if reduction not in REDUCTIONS:
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-  f, p = trainable_fn(apply_fn, params)
+  _, p = trainable_fn(apply_fn, params)
   if not jax.tree_util.tree_leaves(p):
     raise ValueError("params has no trainable leaves (flax: the 'params' collection is empty)")
   for leaf in jax.tree_util.tree_leaves(p):
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
       raise ValueError(f"params must be floating point; found a leaf of dtype {jnp.result_type(leaf)}")
-  shape_o = _validate.logits_shape(f, p, x_o, "x_o")
-  shape_u = _validate.logits_shape(f, p, x_u, "x_u")
+  shape_o = _validate.logits_shape(apply_fn, params, x_o, "x_o")
+  shape_u = _validate.logits_shape(apply_fn, params, x_u, "x_u")
   if shape_o[1:] != shape_u[1:] and (len(shape_o) == 2 or shape_o[-1] != shape_u[-1]):
     raise ValueError(f"logits of x_o {shape_o} and x_u {shape_u} disagree on V")
   v = shape_o[-1]
@@ -343,14 +368,15 @@ def entk(apply_fn: Callable, params: Any, x_o: Any, x_u: Any = None, *,
     nu, lc = _plan_chunks(prob.n_u, prob.l, row_bytes, memory_budget / 4)
   K = _run_chunks(apply_fn, params, implementation, reduction, prob,
                   x_o, pos_o, valid_o, x_u, pos_u, valid_u, (no, mc), (nu, lc),
-                  cache_u=prob.n_u * prob.l * (0 if implementation == "vp" else row_bytes) <= memory_budget / 4)
+                  cache_u=prob.n_u * prob.l * (0 if implementation == "vp" else row_bytes) <= memory_budget / 4,
+                  memory_budget=memory_budget)
   if not is_seq:
     K = K[:, :, 0, 0]
   return K
 
 
 def _run_chunks(apply_fn, params, implementation, reduction, prob,
-                x_o, pos_o, valid_o, x_u, pos_u, valid_u, chunk_o, chunk_u, cache_u):
+                x_o, pos_o, valid_o, x_u, pos_u, valid_u, chunk_o, chunk_u, cache_u, memory_budget):
   (no, mc), (nu, lc) = chunk_o, chunk_u
   co = [(a, b, c, d) for (a, b), (c, d) in itertools.product(_chunks(prob.n_o, no), _chunks(prob.m, mc))]
   cu = [(a, b, c, d) for (a, b), (c, d) in itertools.product(_chunks(prob.n_u, nu), _chunks(prob.l, lc))]
@@ -366,13 +392,17 @@ def _run_chunks(apply_fn, params, implementation, reduction, prob,
 
   structured = implementation == "structured"
   feats = lambda x, p, v: _features(apply_fn, structured, reduction, params, x, p, v)
-  orders = _site_orders(prob.dims if structured else [], no, nu, mc, lc, prob.vp, prob.diag)
+  dims = prob.dims if structured else []
+  orders = _site_orders(dims, no, nu, mc, lc, prob.vp, prob.diag)
+  budget_floats = memory_budget / 4 / prob.itemsize
+  batches = tuple(int(max(1, min(no, budget_floats // max(nu * S * lc * prob.vp * F, 1))))
+                  for S, _, F in dims)
   if len(co) == 1 and len(cu) == 1:   # one block: stay on the device
     xo, po, vo = piece(x_o, pos_o, valid_o, *co[0], no, mc)
     xu, pu, vu = piece(x_u, pos_u, valid_u, *cu[0], nu, lc)
     if implementation == "vp":
       return _vp_block(apply_fn, reduction, params, xo, po, vo, xu, pu, vu)
-    return _contract(reduction, orders, feats(xo, po, vo), feats(xu, pu, vu))
+    return _contract(reduction, orders, batches, feats(xo, po, vo), feats(xu, pu, vu))
 
   dtype = np.dtype(jax.tree_util.tree_leaves(trainable_fn(apply_fn, params)[1])[0].dtype)
   tail = {"full": (prob.vp, prob.vp), "diagonal": (prob.vp,), "trace": (), "sum_logits": ()}[reduction]
@@ -391,7 +421,7 @@ def _run_chunks(apply_fn, params, implementation, reduction, prob,
           fu = feats(xu, pu, vu)
           if cache_u:
             cached[(e, h)] = fu
-        blk = _contract(reduction, orders, fo, fu)
+        blk = _contract(reduction, orders, batches, fo, fu)
       out[a:b, e:g, c:d, h:k] = np.asarray(blk)[:b - a, :g - e, :d - c, :k - h]
   return jnp.asarray(out)
 

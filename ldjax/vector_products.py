@@ -35,8 +35,8 @@ def entk_vp(apply_fn: Callable, params: Any, x_o: Any, x_u: Any, v: jax.Array) -
     ``(N_o, V)`` or ``(N_o, T, V)``: ``J_o J_uᵀ v`` summed over u and the positions of u.
   """
   f, p = trainable_fn(apply_fn, params)
-  shape_u = _validate.logits_shape(f, p, x_u, "x_u")
-  _validate.logits_shape(f, p, x_o, "x_o")
+  shape_u = _validate.logits_shape(apply_fn, params, x_u, "x_u")
+  _validate.logits_shape(apply_fn, params, x_o, "x_o")
   if tuple(jnp.shape(v)) != shape_u:
     raise ValueError(f"v has shape {tuple(jnp.shape(v))}; expected {shape_u}, the logits of x_u")
   _validate.check_finite(v, "v")
