@@ -283,7 +283,7 @@ class _Problem:
 def cost(apply_fn, params, x_o, x_u=None, *, reduction="full", mask_o=None, mask_u=None) -> dict:
   """Estimated FLOPs of each implementation for this call: ``{"jacobian": .., "vp": .., ...}``."""
   prob, *_ = _setup(apply_fn, params, x_o, x_u, reduction, mask_o, mask_u)
-  return {impl: prob.cost(impl) for impl in IMPLEMENTATIONS}
+  return {impl: float(prob.cost(impl)) for impl in IMPLEMENTATIONS}
 
 
 def _chunks(n, size):
@@ -358,25 +358,49 @@ def entk(apply_fn: Callable, params: Any, x_o: Any, x_u: Any = None, *,
       apply_fn, params, x_o, x_u, reduction, mask_o, mask_u)
   if implementation == "auto":
     implementation = min(IMPLEMENTATIONS, key=prob.cost)
+  symmetric = (x_u is x_o and _same_mask(mask_o, mask_u) and implementation != "vp")
   if implementation == "vp":
     row_bytes_u = prob.vp * sum(prob.leaf_sizes) * prob.itemsize * 2
     nu, lc = _plan_chunks(prob.n_u, prob.l, row_bytes_u, memory_budget)
     no, mc = prob.n_o, prob.m
+    cache_u = False
   else:
-    row_bytes = prob.vp * prob.floats_per_row(implementation) * prob.itemsize * 3
-    no, mc = _plan_chunks(prob.n_o, prob.m, row_bytes, memory_budget / 4)
-    nu, lc = _plan_chunks(prob.n_u, prob.l, row_bytes, memory_budget / 4)
+    # features kept per output row; computing them takes about twice as much again
+    row_bytes = prob.vp * prob.floats_per_row(implementation) * prob.itemsize
+    cache_u = prob.n_u * prob.l * row_bytes <= memory_budget / 2
+    if cache_u:
+      nu, lc = _plan_chunks(prob.n_u, prob.l, 3 * row_bytes, memory_budget / 2)
+      no, mc = _plan_chunks(prob.n_o, prob.m, 3 * row_bytes, memory_budget / 2)
+    else:
+      nu, lc = _plan_chunks(prob.n_u, prob.l, 3 * row_bytes, memory_budget / 4)
+      no, mc = _plan_chunks(prob.n_o, prob.m, 3 * row_bytes, memory_budget / 4)
+    if symmetric:
+      no, mc = nu, lc = min(no, nu), min(mc, lc)
   K = _run_chunks(apply_fn, params, implementation, reduction, prob,
                   x_o, pos_o, valid_o, x_u, pos_u, valid_u, (no, mc), (nu, lc),
-                  cache_u=prob.n_u * prob.l * (0 if implementation == "vp" else row_bytes) <= memory_budget / 4,
-                  memory_budget=memory_budget)
+                  cache_u=cache_u, memory_budget=memory_budget, symmetric=symmetric)
   if not is_seq:
     K = K[:, :, 0, 0]
   return K
 
 
+def _same_mask(a, b) -> bool:
+  if a is None or b is None:
+    return a is None and b is None
+  return a is b or np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _transpose_block(blk, reduction):
+  """K(x_u, x_o) from K(x_o, x_u): swap (o, u), (m, l) and, for the full block, (i, j)."""
+  perm = (1, 0, 3, 2) + ((5, 4) if reduction == "full" else tuple(range(4, blk.ndim)))
+  return np.transpose(blk, perm)
+
+
 def _run_chunks(apply_fn, params, implementation, reduction, prob,
-                x_o, pos_o, valid_o, x_u, pos_u, valid_u, chunk_o, chunk_u, cache_u, memory_budget):
+                x_o, pos_o, valid_o, x_u, pos_u, valid_u, chunk_o, chunk_u, cache_u,
+                memory_budget, symmetric=False):
+  """Fills K block by block. With ``symmetric`` (x_u is x_o) only blocks on and above the
+  diagonal are computed, and every chunk's features are computed once."""
   (no, mc), (nu, lc) = chunk_o, chunk_u
   co = [(a, b, c, d) for (a, b), (c, d) in itertools.product(_chunks(prob.n_o, no), _chunks(prob.m, mc))]
   cu = [(a, b, c, d) for (a, b), (c, d) in itertools.product(_chunks(prob.n_u, nu), _chunks(prob.l, lc))]
@@ -399,30 +423,41 @@ def _run_chunks(apply_fn, params, implementation, reduction, prob,
                   for S, _, F in dims)
   if len(co) == 1 and len(cu) == 1:   # one block: stay on the device
     xo, po, vo = piece(x_o, pos_o, valid_o, *co[0], no, mc)
-    xu, pu, vu = piece(x_u, pos_u, valid_u, *cu[0], nu, lc)
     if implementation == "vp":
+      xu, pu, vu = piece(x_u, pos_u, valid_u, *cu[0], nu, lc)
       return _vp_block(apply_fn, reduction, params, xo, po, vo, xu, pu, vu)
-    return _contract(reduction, orders, batches, feats(xo, po, vo), feats(xu, pu, vu))
+    fo = feats(xo, po, vo)
+    fu = fo if symmetric else feats(*piece(x_u, pos_u, valid_u, *cu[0], nu, lc))
+    return _contract(reduction, orders, batches, fo, fu)
 
   dtype = np.dtype(jax.tree_util.tree_leaves(trainable_fn(apply_fn, params)[1])[0].dtype)
   tail = {"full": (prob.vp, prob.vp), "diagonal": (prob.vp,), "trace": (), "sum_logits": ()}[reduction]
   out = np.zeros((prob.n_o, prob.n_u, prob.m, prob.l) + tail, dtype)
   cached = {}
-  for (a, b, c, d) in co:
+  for io, (a, b, c, d) in enumerate(co):
     xo, po, vo = piece(x_o, pos_o, valid_o, a, b, c, d, no, mc)
-    fo = None if implementation == "vp" else feats(xo, po, vo)
-    for (e, g, h, k) in cu:
+    fo = None if implementation == "vp" else cached.get(("u", a, c)) if symmetric else None
+    if fo is None and implementation != "vp":
+      fo = feats(xo, po, vo)
+    for iu, (e, g, h, k) in enumerate(cu):
+      if symmetric and iu < io:
+        continue
       xu, pu, vu = piece(x_u, pos_u, valid_u, e, g, h, k, nu, lc)
       if implementation == "vp":
         blk = _vp_block(apply_fn, reduction, params, xo, po, vo, xu, pu, vu)
       else:
-        fu = cached.get((e, h))
+        fu = fo if (symmetric and iu == io) else cached.get(("u", e, h))
         if fu is None:
           fu = feats(xu, pu, vu)
           if cache_u:
-            cached[(e, h)] = fu
+            cached[("u", e, h)] = fu
         blk = _contract(reduction, orders, batches, fo, fu)
-      out[a:b, e:g, c:d, h:k] = np.asarray(blk)[:b - a, :g - e, :d - c, :k - h]
+      blk = np.asarray(blk)[:b - a, :g - e, :d - c, :k - h]
+      out[a:b, e:g, c:d, h:k] = blk
+      if symmetric and iu != io:
+        out[e:g, a:b, h:k, c:d] = _transpose_block(blk, reduction)
+    if symmetric and not cache_u:
+      cached.pop(("u", a, c), None)
   return jnp.asarray(out)
 
 

@@ -83,7 +83,7 @@ def small_model(name, dtype, key=0):
     return (zoo.lenet_apply, p, jnp.asarray(rng.uniform(size=(2, 28, 28, 1)), dtype),
             jnp.asarray(rng.uniform(size=(2, 28, 28, 1)), dtype))
   if name == "transformer":
-    p = numpy_init(zoo.transformer_init, dtype, key, vocab=13, d_model=8, n_heads=2, n_layers=2,
+    p = numpy_init(zoo.transformer_init, dtype, key, vocab=13, d_model=8, n_heads=2, n_layers=1,
                    max_len=7)
     f = functools.partial(zoo.transformer_apply, n_heads=2)
     return (f, p, jnp.asarray(rng.integers(0, 13, (2, 7)), jnp.int32),
