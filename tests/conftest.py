@@ -49,6 +49,10 @@ def cast(tree, dtype):
       lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, tree)
 
 
+# one apply function per model for the whole session, so jit caches hit across tests
+TRANSFORMER_APPLY = functools.partial(zoo.transformer_apply, n_heads=2)
+
+
 def numpy_init(init_fn, dtype, seed=0, **kw):
   """Parameters of a zoo ``init_fn`` drawn with numpy (no jax.random: its kernels compile slowly).
 
@@ -85,7 +89,6 @@ def small_model(name, dtype, key=0):
   if name == "transformer":
     p = numpy_init(zoo.transformer_init, dtype, key, vocab=13, d_model=8, n_heads=2, n_layers=1,
                    max_len=7)
-    f = functools.partial(zoo.transformer_apply, n_heads=2)
-    return (f, p, jnp.asarray(rng.integers(0, 13, (2, 7)), jnp.int32),
+    return (TRANSFORMER_APPLY, p, jnp.asarray(rng.integers(0, 13, (2, 7)), jnp.int32),
             jnp.asarray(rng.integers(0, 13, (2, 7)), jnp.int32))
   raise ValueError(name)
