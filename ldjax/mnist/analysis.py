@@ -24,6 +24,7 @@ the batch MEAN with learning rate ``η_t``; one training step is therefore ``eta
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -32,10 +33,12 @@ import numpy as np
 import optax
 
 import ldjax
+from ldjax.mnist.models import apply_fn as _apply_fn
+from ldjax.mnist.models import make_model
 from ldjax.mnist.train import TrainConfig, steps_per_epoch
 
 __all__ = [
-    "scaled_sft",
+    "jitted_apply",
     "learning_rates",
     "momentum_weights",
     "pick_per_class",
@@ -52,24 +55,24 @@ __all__ = [
     "ranking_stability",
     "influence_matrix",
     "influence_vs_kernel",
+    "per_step_summary",
 ]
 
-# One fixed optimizer object: ldjax.actual_step treats the optimizer as a static (hashed) argument,
-# so a fresh optax.sgd(eta) per call would recompile every step. sgd(1) on the loss scaled by η is
-# the same update, Δθ = −η ∇θ Σ_n L_n, with η a traced argument.
-_SGD1 = optax.sgd(1.0)
 
+@functools.lru_cache(maxsize=None)
+def jitted_apply(model: str = "lenet") -> Callable:
+  """``jax.jit(apply_fn(make_model(model)))``, one object per model name.
 
-def scaled_sft(logits: jax.Array, targets: jax.Array, scale: jax.Array) -> jax.Array:
-  """``scale · SFT``: per-example cross-entropy times ``scale``, ``(N, V), (N,) -> (N,)``."""
-  return scale * ldjax.losses.sft(logits, targets)
+  The engine's functions take ``apply_fn`` as a static argument: passing the same object every
+  time lets every call (and every run in one process) reuse the compiled code.
+  """
+  return jax.jit(_apply_fn(make_model(model)))
 
 
 def _sgd_step(apply_fn, params, x_o, x_u, y_u, eta) -> ldjax.ActualStep:
   """The actual plain-SGD step ``Δθ = −η ∇θ Σ_n L_n(x_u)`` (ldjax.actual_step), observed on x_o."""
-  return ldjax.actual_step(apply_fn, params, x_o, x_u, scaled_sft, optimizer=_SGD1,
-                           loss_kwargs=dict(targets=jnp.asarray(y_u),
-                                            scale=jnp.asarray(eta, jnp.float32)))
+  return ldjax.actual_step(apply_fn, params, x_o, x_u, ldjax.losses.sft, eta=float(eta),
+                           loss_kwargs=dict(targets=jnp.asarray(y_u)))
 
 
 def _decompose(apply_fn, params, x_o, x_u, y_u, eta) -> ldjax.Decomposition:
@@ -181,7 +184,7 @@ def _offdiag(m: np.ndarray) -> np.ndarray:
 
 def one_update(apply_fn: Callable, params: Any, pool_x, pool_y, *, label: int = 4,
                u_index: Optional[int] = None, eta: Optional[float] = None,
-               target_nats: float = 0.5) -> dict:
+               target_nats: float = 0.02) -> dict:
   """One SGD step on one example of class ``label`` seen on three observing examples.
 
   Args:
@@ -277,7 +280,21 @@ class StepTracker:
     self.cmp_steps, self.sgd_actual = [], []
     self.cmp_sgd, self.cmp_real = [], []
     self.logp0 = None
-    self._last = None  # (params_after, logits_after) of the previous step
+    # The previous step's (params_after, logits before it) while its actual change is pending:
+    # train() passes that step's params_after as the next params_before, whose probe logits
+    # the next decomposition computes anyway (saves one forward pass per step).
+    self._pending = None
+
+  def _logp(self, logits):
+    return np.asarray(jax.nn.log_softmax(logits, axis=-1))
+
+  def _settle(self, logits_after=None):
+    """Records the pending step's actual change (a forward pass when the logits are not given)."""
+    params_after, logits_before = self._pending
+    if logits_after is None:
+      logits_after = self.apply_fn(params_after, self.probe_x)
+    self.actual.append(self._logp(logits_after) - self._logp(logits_before))
+    self._pending = None
 
   def __call__(self, step, params_before, batch_x, batch_y, params_after):
     if step >= self.lrs.size:
@@ -285,16 +302,19 @@ class StepTracker:
     b = int(np.shape(batch_y)[0])
     eta = self.lrs[step] / b
     dec = _decompose(self.apply_fn, params_before, self.probe_x, batch_x, batch_y, eta)
-    z_after = self.apply_fn(params_after, self.probe_x)
-    real = ldjax.ActualStep(params_after, dec.logits, z_after, dec.loss_u)
+    if self._pending is not None:
+      self._settle(dec.logits if params_before is self._pending[0] else None)
     if self.logp0 is None:
-      self.logp0 = np.asarray(jax.nn.log_softmax(dec.logits, axis=-1))
+      self.logp0 = self._logp(dec.logits)
     self.pred_linear.append(np.asarray(dec.delta_logp_linear))
     self.pred_exact.append(np.asarray(dec.delta_logp_exact))
-    self.actual.append(np.asarray(real.delta_logp))
     self.batch.append(b)
     self.steps.append(int(step))
+    self._pending = (params_after, dec.logits)
     if step % self.compare_every == 0:
+      z_after = self.apply_fn(params_after, self.probe_x)
+      real = ldjax.ActualStep(params_after, dec.logits, z_after, dec.loss_u)
+      self._settle(z_after)
       sgd = _sgd_step(self.apply_fn, params_before, self.probe_x, batch_x, batch_y, eta)
       self.cmp_steps.append(int(step))
       self.sgd_actual.append(np.asarray(sgd.delta_logp))
@@ -305,6 +325,8 @@ class StepTracker:
     """The records as numpy arrays (see the class docstring)."""
     if not self.steps:
       raise ValueError("StepTracker saw no step (was it passed as on_step to train?)")
+    if self._pending is not None:
+      self._settle()
     steps = np.asarray(self.steps)
     if not np.array_equal(steps, np.arange(steps.size) + steps[0]):
       raise ValueError("StepTracker saw non-consecutive steps; accumulated sums would be wrong")
