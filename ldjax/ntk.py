@@ -258,8 +258,10 @@ class _Problem:
     fb = sum(self.leaf_sizes[l] for l in self.plan.fallback)
     return fb + sum(S * F for S, _, F in self.dims) + sum(S * C for S, C, _ in self.dims) / max(self.vp, 1)
 
-  def cost(self, implementation) -> float:
-    """Estimated FLOPs of the whole call."""
+  def cost(self, implementation, symmetric=False) -> float:
+    """Estimated FLOPs of the whole call (K(x, x) computes about half of the blocks)."""
+    if symmetric and implementation != "vp":
+      return 0.5 * self.cost(implementation)
     f1 = self.f1_flops
     ro, ru = self.n_o * self.m * self.vp, self.n_u * self.l * self.vp
     pairs = self.n_o * self.n_u * self.m * self.l * self.vp * (1 if self.diag else self.vp)
@@ -282,8 +284,11 @@ class _Problem:
 
 def cost(apply_fn, params, x_o, x_u=None, *, reduction="full", mask_o=None, mask_u=None) -> dict:
   """Estimated FLOPs of each implementation for this call: ``{"jacobian": .., "vp": .., ...}``."""
+  if x_u is None:
+    x_u, mask_u = x_o, mask_o if mask_u is None else mask_u
+  symmetric = x_u is x_o and _same_mask(mask_o, mask_u)
   prob, *_ = _setup(apply_fn, params, x_o, x_u, reduction, mask_o, mask_u)
-  return {impl: float(prob.cost(impl)) for impl in IMPLEMENTATIONS}
+  return {impl: float(prob.cost(impl, symmetric)) for impl in IMPLEMENTATIONS}
 
 
 def _chunks(n, size):
@@ -356,9 +361,10 @@ def entk(apply_fn: Callable, params: Any, x_o: Any, x_u: Any = None, *,
     raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
   prob, is_seq, pos_o, valid_o, pos_u, valid_u = _setup(
       apply_fn, params, x_o, x_u, reduction, mask_o, mask_u)
+  symmetric = x_u is x_o and _same_mask(mask_o, mask_u)
   if implementation == "auto":
-    implementation = min(IMPLEMENTATIONS, key=prob.cost)
-  symmetric = (x_u is x_o and _same_mask(mask_o, mask_u) and implementation != "vp")
+    implementation = min(IMPLEMENTATIONS, key=lambda i: prob.cost(i, symmetric))
+  symmetric = symmetric and implementation != "vp"
   if implementation == "vp":
     row_bytes_u = prob.vp * sum(prob.leaf_sizes) * prob.itemsize * 2
     nu, lc = _plan_chunks(prob.n_u, prob.l, row_bytes_u, memory_budget)
