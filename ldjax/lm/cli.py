@@ -100,20 +100,32 @@ def prepare_data(records: Sequence[dict], config: PipelineConfig, source: str = 
     return PreparedData(train, held, train[:dc.n_track], held[:dc.n_track], source, h.hexdigest())
 
 
-def _pretrain_texts(data: PreparedData, config: PipelineConfig) -> list[str]:
+_OPEN_TURN = "\n\nAssistant:"
+
+
+def _dialogue_text(prompt: str) -> str:
+    """A prompt without its final, open ``Assistant:`` turn."""
+    return prompt[:-len(_OPEN_TURN)] if prompt.endswith(_OPEN_TURN) else prompt
+
+
+def _pretrain_texts(records: Sequence[dict], config: PipelineConfig) -> tuple[list[str], bool]:
+    """``(texts, eos)`` of the pretraining phase (``data.pretrain_source``): "prompts" gives the
+    dialogues without their open last ``Assistant:`` turn and no EOS (so the model never learns
+    that a response ends right after ``Assistant:``); "dialogues" prompt + chosen + EOS;
+    "dialogues_both" also prompt + rejected + EOS."""
     src = config.data.pretrain_source
     if src == "prompts":
-        return [r["prompt"] for r in data.train]
-    texts = [r["prompt"] + r["chosen"] for r in data.train]
+        return [_dialogue_text(r["prompt"]) for r in records], False
+    texts = [r["prompt"] + r["chosen"] for r in records]
     if src == "dialogues_both":
-        texts += [r["prompt"] + r["rejected"] for r in data.train]
-    return texts
+        texts += [r["prompt"] + r["rejected"] for r in records]
+    return texts, True
 
 
 def _cache_key(config: PipelineConfig, data: PreparedData) -> str:
     d = {"model": dataclasses.asdict(config.model), "pretrain": dataclasses.asdict(config.pretrain),
          "max_len": config.data.max_len, "source": config.data.pretrain_source, "seed": config.seed,
-         "data": data.fingerprint, "version": 1}
+         "data": data.fingerprint, "version": 2}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -144,21 +156,26 @@ def pretrained_params(config: PipelineConfig, data: PreparedData, out: Path, *, 
     from ldjax.lm.model import count_params, init_params
 
     lm = config.lm_config()
-    p0 = init_params(lm, jax.random.PRNGKey(config.seed))
+    p0 = jax.jit(init_params, static_argnums=0)(lm, jax.random.PRNGKey(config.seed))
     key = _cache_key(config, data)
     cached = None if cache_dir is None else Path(cache_dir) / "lm_pretrain" / key
     info = {"cache_key": key, "n_params": count_params(p0)}
     if cached is not None and cached.exists():
         t0 = time.time()
-        params, meta = T.load_params(cached, p0)
-        info.update(meta, from_cache=str(cached), seconds=time.time() - t0)
-        return params, info
-    tok_texts = _pretrain_texts(data, config)
+        try:
+            params, meta = T.load_params(cached, p0)
+        except FileNotFoundError:  # an interrupted cache write: train again
+            pass
+        else:
+            info.update(meta, from_cache=str(cached), seconds=time.time() - t0)
+            return params, info
+    texts, eos = _pretrain_texts(data.train, config)
     from ldjax.lm.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
-    enc = T.encode_texts(tok, tok_texts, lm.max_len)
-    held = T.encode_texts(tok, [r["prompt"] for r in data.heldout], lm.max_len)
+    enc = T.encode_texts(tok, texts, lm.max_len, eos=eos)
+    held_texts, _ = _pretrain_texts(data.heldout, config)
+    held = T.encode_texts(tok, held_texts, lm.max_len, eos=eos)
     evals = {"step": [], "heldout_loss": []}
 
     def on_eval(step, params):
@@ -267,14 +284,15 @@ def run_pipeline(config: PipelineConfig, data: PreparedData, out, *, upto: str =
 
     if upto == "dpo":
         pc = config.preference
-        name = pc.loss + ("_onpolicy" if pc.on_policy else "")
+        name = pc.loss + ("_onpolicy" if pc.on_policy else "") + ("_after_extend" if config.sft.extend else "")
         tr2 = _tracker(config, data)
         res2, _ = _tracked_phase(name, lambda ev: T.preference(
             sft_params, sft_params, lm, data.train, pc, max_prompt_len=config.data.max_prompt_len,
             ckpt_dir=out / name / "ckpt", resume=resume, on_eval=ev, progress=progress), tr2, out, resume)
         summary["preference"] = dict(_phase_summary(res2, tr2), loss=pc.loss, on_policy=pc.on_policy)
         summary["timings"]["preference"] = res2.seconds
-        label = f"{pc.loss.upper()}{' on-policy' if pc.on_policy else ''} after SFT"
+        label = (f"{pc.loss.upper()}{' on-policy' if pc.on_policy else ''} after "
+                 f"{'extended SFT (y⁺ and y⁻)' if config.sft.extend else 'SFT'}")
         summary["figures"] += [
             plots.plot_probe_grid(tr2, figs / f"lm_{name}_probes.png", title=f"{label} — log π of each probe type"),
             plots.plot_probe_overview(tr2, figs / f"lm_{name}_overview.png", title=f"{label} — log π of each probe type"),
@@ -295,14 +313,15 @@ def _one_step(config, data: PreparedData, params, out: Path, index: int = 0) -> 
 
     t0 = time.time()
     rec = data.track_train[index]
-    r = run_one_step(params, config, rec, config.track.one_step_etas)
+    r = run_one_step(params, config, rec, config.track.one_step_etas, float64=True)
     r["seconds"] = time.time() - t0
     r["figure"] = plots.plot_one_step(r, out / "figures" / "lm_one_step.png")
     r["table"] = format_table(r)
     _write_json(out / "one_step" / "one_step.json", r)
     (out / "one_step" / "table.txt").write_text(r["table"] + "\n", encoding="utf-8")
     return {k: r[k] for k in ("etas", "rel_error_linear", "entk_abs_error", "slope_rel_error_linear",
-                              "slope_entk_abs_error", "sign_agreement", "seconds", "figure", "table")}
+                              "slope_entk_abs_error", "small_etas", "slope_rel_error_linear_small",
+                              "slope_entk_abs_error_small", "sign_agreement", "seconds", "figure", "table")}
 
 
 def _parser() -> argparse.ArgumentParser:

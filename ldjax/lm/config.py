@@ -198,7 +198,7 @@ class SFTConfig(PhaseConfig):
       extend: train on (x, y⁺) AND (x, y⁻) — the paper's remedy; default: chosen only.
     """
 
-    lr: float = 1e-4
+    lr: float = 3e-4
     warmup: int = 20
     batch_size: int = 8
     epochs: float = 3.0
@@ -222,7 +222,7 @@ class PreferenceConfig(PhaseConfig):
     """
 
     loss: str = "dpo"
-    lr: float = 5e-5
+    lr: float = 1e-4
     warmup: int = 10
     batch_size: int = 8
     epochs: float = 2.0
@@ -255,12 +255,14 @@ class TrackConfig:
     Attributes:
       eval_batch: sequences per jitted evaluation call.
       decode_max_new_tokens: length cap of the greedy y* (None: what the context leaves).
-      one_step_etas: learning rates of the one-step check (``ldjax lm one-step``).
+      one_step_etas: learning rates of the one-step check (``ldjax lm one-step``; float64). The
+        step is on the sequence loss −log π(y⁺|x), whose gradient is large: the linear regime of
+        the default model is η ≲ 1e-6.
     """
 
     eval_batch: int = 64
     decode_max_new_tokens: Optional[int] = None
-    one_step_etas: tuple = (1e-5, 1e-4, 1e-3, 1e-2)
+    one_step_etas: tuple = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +357,6 @@ QUICK = PipelineConfig(
     sft=SFTConfig(steps=16, epochs=0.0, lr=1e-3, warmup=2, batch_size=8, eval_every=4, ckpt_every=8),
     preference=PreferenceConfig(steps=16, epochs=0.0, lr=5e-4, warmup=2, batch_size=8, eval_every=4,
                                 ckpt_every=8, max_new_tokens=24),
-    track=TrackConfig(eval_batch=32, decode_max_new_tokens=24, one_step_etas=(1e-3, 1e-2, 1e-1)),
+    track=TrackConfig(eval_batch=32, decode_max_new_tokens=24, one_step_etas=(1e-6, 1e-5, 1e-4, 1e-3)),
 )
 """A tiny model and 16–30 steps per phase: the whole pipeline in 1–3 minutes (tests, CI)."""

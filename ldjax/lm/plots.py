@@ -40,9 +40,18 @@ def _style(s, k):
 def _save(fig, path) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    fig.savefig(path, dpi=_DPI)
     plt.close(fig)
     return str(path)
+
+
+def _smooth(y, w: int = 10) -> np.ndarray:
+    """Trailing running mean over ``w`` steps (fewer at the start)."""
+    y = np.asarray(y, np.float64)
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    idx = np.arange(1, len(y) + 1)
+    lo = np.maximum(idx - w, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
 
 
 def _colors(n):
@@ -84,7 +93,7 @@ def plot_probe_overview(track, path, *, title: str, s: str = "train",
     evaluation (what each training phase does to each kind of response)."""
     types = list(types or track.all_types)
     steps = np.asarray(track.steps)
-    fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(14, 4.6))
     for c, t in zip(_colors(len(types)), types):
         y = track.curve(s, t)
         lw = 2.2 if t in ("chosen", "rejected", "greedy") else 1.2
@@ -96,10 +105,10 @@ def plot_probe_overview(track, path, *, title: str, s: str = "train",
     for a in (a0, a1):
         a.set_xlabel("training step")
         a.grid(alpha=0.3)
-    fig.legend(*a0.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5),
-               fontsize=8, frameon=False)
     fig.suptitle(f"{title} ({s} prompts)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig.legend(*a0.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(0.8, 0.5),
+               fontsize=8, frameon=False)
     return _save(fig, path)
 
 
@@ -147,13 +156,15 @@ def plot_squeeze(track, path, *, title: str, history: Optional[dict] = None,
     ax = axes[1][1]
     if history and history.get("step"):
         hs = np.asarray(history["step"])
-        ax.plot(hs, history["loss"], color="C0", alpha=0.8, label="training loss")
+        ax.plot(hs, history["loss"], color="C0", alpha=0.25, lw=0.8)
+        ax.plot(hs, _smooth(history["loss"]), color="C0", lw=2, label="training loss")
         ax.set_ylabel("loss", color="C0")
         if "margin" in history:
             ax2 = ax.twinx()
-            ax2.plot(hs, history["margin"], color="C1", alpha=0.8, label="reward margin r⁺ − r⁻")
-            ax2.set_ylabel("margin r⁺ − r⁻", color="C1")
-        ax.set_title("(d) training batches", fontsize=10)
+            ax2.plot(hs, history["margin"], color="C1", alpha=0.25, lw=0.8)
+            ax2.plot(hs, _smooth(history["margin"]), color="C1", lw=2, label="reward margin r⁺ − r⁻")
+            ax2.set_ylabel("margin r⁺ − r⁻ (running mean)", color="C1")
+        ax.set_title("(d) training batches (faint: per step; bold: running mean)", fontsize=10)
     else:
         ax.axis("off")
     for a in axes.ravel()[:3]:
@@ -170,7 +181,8 @@ def plot_pretrain(history: dict, path, *, title: str = "Pretraining",
                   eval_loss: Optional[Sequence[float]] = None) -> str:
     """Next-token loss (nats per token) of the training batches, and held-out loss if given."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(history["step"], history["loss"], lw=1, alpha=0.8, label="training batches")
+    ax.plot(history["step"], history["loss"], lw=0.8, alpha=0.3, color="C0")
+    ax.plot(history["step"], _smooth(history["loss"]), lw=2, color="C0", label="training batches (running mean)")
     if eval_steps is not None and eval_loss is not None and len(eval_steps):
         ax.plot(eval_steps, eval_loss, "o-", color="C3", label="held-out prompts")
     ax.set_xlabel("training step")
@@ -214,17 +226,27 @@ def plot_one_step(result: dict, path, *, title: str = "One SFT step: predicted v
 
 
 def plot_compare(tracks: dict, path, *, title: str, types: Sequence[str] = ("chosen", "rejected", "greedy"),
-                 s: str = "train", metric: str = "logp_sum") -> str:
-    """Several runs (``{name: track}``, e.g. baseline vs extend) on a few types, one panel per type."""
-    fig, axes = plt.subplots(1, len(types), figsize=(4.2 * len(types), 3.6), squeeze=False)
-    for ax, t in zip(axes[0], types):
+                 s: str = "train", metric: str = "logp_sum", relative: bool = False, ncol: int = 4) -> str:
+    """Several runs (``{name: track}``, e.g. baseline vs extend) on a few types, one panel per type;
+    ``relative`` plots the change since each run's first evaluation."""
+    nrow = math.ceil(len(types) / ncol)
+    ncol = min(ncol, len(types))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.0 * nrow), squeeze=False)
+    for i, t in enumerate(types):
+        ax = axes[i // ncol][i % ncol]
         for k, (name, tr) in enumerate(tracks.items()):
             if t in tr.all_types:
-                ax.plot(tr.steps, tr.curve(s, t, metric), color=f"C{k}", label=name)
+                y = tr.curve(s, t, metric)
+                ax.plot(tr.steps, y - y[0] if relative else y, color=f"C{k}", label=name)
         ax.set_title(tracks[next(iter(tracks))].label(t), fontsize=9)
-        ax.set_xlabel("training step")
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"mean {metric}")
+        if i % ncol == 0:
+            ax.set_ylabel(("change of " if relative else "") + f"mean {metric}", fontsize=8)
+        if i + ncol >= len(types):
+            ax.set_xlabel("training step", fontsize=8)
+    for j in range(len(types), nrow * ncol):
+        axes[j // ncol][j % ncol].axis("off")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{title} ({s} prompts)", fontsize=11)
     fig.tight_layout()

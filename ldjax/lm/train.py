@@ -163,9 +163,9 @@ def batch_indices(data_key: jax.Array, step: int, n: int, batch_size: int) -> np
 # ----------------------------------------------------------------------------------------------
 
 
-def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> dict:
-    """Pretraining examples: each text becomes ``[BOS] + ids + [EOS]``, cut into windows of
-    ``max_len`` tokens overlapping by one token (so every token but BOS is a target exactly once).
+def encode_texts(tokenizer, texts: Sequence[str], max_len: int, *, eos: bool = True) -> dict:
+    """Pretraining examples: each text becomes ``[BOS] + ids (+ [EOS] if eos)``, cut into windows
+    of ``max_len`` tokens overlapping by one token (so every token but BOS is a target exactly once).
 
     Returns ``tokens``, ``targets`` int32 and ``mask`` bool, ``(N_windows, max_len)``; ``mask`` is
     True wherever the target is a real token (not PAD).
@@ -176,7 +176,7 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int) -> dict:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise ValueError(f"texts[{i}] is a {type(t).__name__}, not a str")
-        ids = [tokenizer.bos_id] + tokenizer.encode(t) + [tokenizer.eos_id]
+        ids = [tokenizer.bos_id] + tokenizer.encode(t) + ([tokenizer.eos_id] if eos else [])
         for s in range(0, max(len(ids) - 1, 1), max_len - 1):
             rows.append(ids[s:s + max_len])
     if not rows:
@@ -280,8 +280,14 @@ def sample_responses(params, lm_config, prompt_ids: Sequence[Sequence[int]], key
 # ----------------------------------------------------------------------------------------------
 
 
+def _opt_key(cfg: PhaseConfig) -> PhaseConfig:
+    """Only the fields that define the update rule: phases with equal ones share compiled steps."""
+    return PhaseConfig(optimizer=cfg.optimizer, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
+                       grad_clip=cfg.grad_clip, steps=1)
+
+
 def _finish(tx, params, opt_state, grads, G, obj, aux, sched, count):
-    gnorm = optax.global_norm(grads)
+    gnorm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = dict(aux, loss=obj, grad_norm=gnorm, G_norm_sq=jnp.sum(jnp.square(G)), lr=sched(count))
@@ -320,15 +326,15 @@ def _pair_kwargs(cfg: PreferenceConfig) -> dict:
 
 
 @functools.lru_cache(maxsize=32)
-def _pair_step(lm_config, cfg: PreferenceConfig, total: int):
+def _pair_step(lm_config, cfg: PhaseConfig, loss: str, hyper: tuple, total: int):
     """DPO-family step: ``(params, opt_state, batch, count, ref_params) -> ...``; the pair is one
     forward of the stacked ``(2B, T)`` batch. ``ref_params`` is None when the batch carries
     ``ref_pos``/``ref_neg``."""
     apply_fn = make_apply_fn(lm_config)
     tx = make_optimizer(cfg, total)
     sched = lr_schedule(cfg, total)
-    loss_fn = losses.PAIRWISE[cfg.loss]
-    hyper = _pair_kwargs(cfg)
+    loss_fn = losses.PAIRWISE[loss]
+    hyper = dict(hyper)
 
     def objective(logits, batch, ref_pos, ref_neg):
         b = batch["pos_tokens"].shape[0]
@@ -407,7 +413,7 @@ def load_params(path, like) -> tuple:
             state=ocp.args.StandardRestore({"params": like}), meta=ocp.args.JsonRestore()))
     finally:
         mngr.close()
-    return r["state"]["params"], r["meta"]
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), r["state"]["params"]), r["meta"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,8 +474,10 @@ def run_phase(name: str, cfg: PhaseConfig, n: int, params, step_fn: Callable, ge
                 mngr.close()
                 raise ValueError(f"{ckpt_dir}: the {name} checkpoint was written with another "
                                  f"configuration (field: (saved, now)) {diff}")
-            params, opt_state = r["state"]["params"], r["state"]["opt_state"]
-            data_key = r["state"]["rng"]
+            # restored arrays are "committed" to a device, fresh ones are not: move them back to
+            # plain uncommitted arrays so the jitted step is not compiled a second time.
+            st = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), r["state"])
+            params, opt_state, data_key = st["params"], st["opt_state"], st["rng"]
             history = r["meta"]["history"]
             start = resumed_from = int(r["meta"]["step"])
 
@@ -554,7 +562,7 @@ def _check_data(data: dict, lm_config, what: str) -> dict:
 def _lm_phase(name, params, lm_config, data, cfg, **kw) -> PhaseResult:
     data = _check_data(data, lm_config, name)
     n = data["tokens"].shape[0]
-    step = _lm_step(lm_config, cfg, cfg.total_steps(n))
+    step = _lm_step(lm_config, _opt_key(cfg), cfg.total_steps(n))
 
     def get_batch(idx, s, params, key):
         return {k: v[idx] for k, v in data.items()}
@@ -564,19 +572,20 @@ def _lm_phase(name, params, lm_config, data, cfg, **kw) -> PhaseResult:
 
 
 def pretrain(params, lm_config, texts: Sequence[str] | dict, cfg: PretrainConfig = PretrainConfig(),
-             *, tokenizer=None, ckpt_dir=None, resume: bool = False, on_eval=None, on_step=None,
+             *, tokenizer=None, eos: bool = True, ckpt_dir=None, resume: bool = False, on_eval=None, on_step=None,
              stop_at: Optional[int] = None, progress: bool = True) -> PhaseResult:
     """Next-token pretraining, the token mean of ``ldjax.losses.sft`` over every real token.
 
     ``texts``: a list of documents (encoded by :func:`encode_texts`: windows of ``max_len`` with
     BOS/EOS) or already-encoded ``tokens/targets/mask`` arrays. The pipeline's default text is
     the *prompts* of the training records — HH dialogues with their Human and earlier Assistant
-    turns — without the final chosen/rejected responses (``DataConfig.pretrain_source``; the
-    alternatives add prompt + chosen, or prompt + chosen and prompt + rejected, as dialogues).
+    turns — without the final open ``Assistant:`` turn, the final chosen/rejected responses and
+    EOS (``DataConfig.pretrain_source``; the alternatives are prompt + chosen, or prompt + chosen
+    and prompt + rejected, as dialogues ending in EOS).
     Other arguments: :func:`run_phase`.
     """
     data = texts if isinstance(texts, dict) else encode_texts(tokenizer or ByteTokenizer(), texts,
-                                                                lm_config.max_len)
+                                                                lm_config.max_len, eos=eos)
     return _lm_phase("pretrain", params, lm_config, data, cfg, ckpt_dir=ckpt_dir, resume=resume,
                      on_eval=on_eval, on_step=on_step, stop_at=stop_at, progress=progress)
 
@@ -619,7 +628,7 @@ def preference(params, ref_params, lm_config, records: Sequence[dict],
     pos, neg = pair_examples(tok, records, max_len=lm_config.max_len, max_prompt_len=max_prompt_len)
     n = pos["tokens"].shape[0]
     total = cfg.total_steps(n)
-    step_fn = _pair_step(lm_config, cfg, total)
+    step_fn = _pair_step(lm_config, _opt_key(cfg), cfg.loss, tuple(sorted(_pair_kwargs(cfg).items())), total)
     per_batch_ref = cfg.on_policy or cfg.ref_logp == "batch"
     ref_pos = ref_neg = None
     if not per_batch_ref:
