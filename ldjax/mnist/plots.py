@@ -12,6 +12,7 @@ import os
 import textwrap
 from typing import Optional
 
+from ldjax._png import save_png
 import matplotlib
 
 matplotlib.use("Agg")
@@ -30,21 +31,7 @@ _REAL = "#d62728"
 
 
 def _save(fig, path: str, footer: str = "", dpi: int = 90) -> str:
-  if footer:
-    width = max(40, int(fig.get_figwidth() * 21))   # characters per line at 6.5 pt
-    fig.text(0.005, 0.003, textwrap.fill(footer, width), fontsize=6.5, color="#555555", ha="left",
-             va="bottom")
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  buf = io.BytesIO()
-  fig.savefig(buf, dpi=dpi, format="png")
-  plt.close(fig)
-  buf.seek(0)
-  from PIL import Image
-
-  with Image.open(buf) as im:
-    im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
-  return path
+  return save_png(fig, path, dpi=dpi, footer=footer)
 
 
 def _need(d: dict, keys, who: str) -> None:

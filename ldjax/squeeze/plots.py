@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ldjax._png import save_png
 import matplotlib
 
 matplotlib.use("Agg")
@@ -40,17 +41,7 @@ def _log(ax, which: str = "y", numticks: int = 7) -> None:
 
 def _save(fig, path: str, dpi: int) -> None:
     """Write ``fig`` as a 256-colour palette PNG (keeps repository figures small)."""
-    import io
-
-    from PIL import Image
-
-    _ensure_dir(path)
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=dpi, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    with Image.open(buf) as im:
-        im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    save_png(fig, path, dpi=dpi)
 
 
 def plot_case(stats: dict[str, Any], path: str, name: str = "", dpi: int = 100) -> str:
