@@ -4,7 +4,11 @@ One gradient step on (x_u, y_u) changes the log-probs on x_o by
 ``Δlog π(x_o) = −η A(x_o) K(x_o, x_u) G(x_u, y_u) + O(η²)`` (Ren & Sutherland, ICLR 2025).
 """
 
-from ldjax import losses
+from ldjax import _xla_flags
+
+_xla_flags.apply()  # before any computation: see ldjax/_xla_flags.py (jaxlib 0.10.2 CPU bug)
+
+from ldjax import losses  # noqa: E402
 from ldjax.ntk import cost as entk_cost
 from ldjax.ntk import entk, last_position_mask
 from ldjax.residual import G

@@ -190,6 +190,45 @@ def _vp_block(apply_fn, reduction, variables, xo, pos_o, valid_o, xu, pos_u, val
   return K
 
 
+def _split(f, a, b):
+  """Examples ``a:b`` of a chunk's features ``(J, D, X)``."""
+  return jax.tree_util.tree_map(lambda t: t[a:b], f)
+
+
+def _contract_symmetric(reduction, orders, batches, f, depth=2):
+  """K(x, x) from one set of features, computing only the blocks on and above the diagonal.
+
+  Splits the examples in two: ``K = [[K_aa, K_ab], [K_abᵀ, K_bb]]``, recursing ``depth`` times
+  into the diagonal blocks, so the contraction does 5/8 of the work of the full product at
+  depth 2 (3/4 at depth 1). ``K_ba`` is ``K_ab`` with (o, u), (m, l) and (i, j) swapped.
+  """
+  n = jax.tree_util.tree_leaves(f)[0].shape[0]
+  if depth == 0 or n < 8:
+    return _contract(reduction, orders, batches, f, f)
+  h = n // 2
+  fa, fb = _split(f, 0, h), _split(f, h, n)
+  kaa = _contract_symmetric(reduction, orders, batches, fa, depth - 1)
+  kbb = _contract_symmetric(reduction, orders, batches, fb, depth - 1)
+  kab = _contract(reduction, orders, batches, fa, fb)
+  perm = (1, 0, 3, 2) + ((5, 4) if reduction == "full" else tuple(range(4, kab.ndim)))
+  top = jnp.concatenate([kaa, kab], axis=1)
+  bottom = jnp.concatenate([jnp.transpose(kab, perm), kbb], axis=1)
+  return jnp.concatenate([top, bottom], axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _one_block(apply_fn, structured, reduction, orders, batches, squeeze, variables,
+               xo, po, vo, xu=None, pu=None, vu=None):
+  """Features and contraction of a single block in one XLA program (``xu`` None: K(x_o, x_o))."""
+  fo = _features(apply_fn, structured, reduction, variables, xo, po, vo)
+  if xu is None:
+    K = _contract_symmetric(reduction, orders, batches, fo)
+  else:
+    K = _contract(reduction, orders, batches, fo, _features(apply_fn, structured, reduction,
+                                                            variables, xu, pu, vu))
+  return K[:, :, 0, 0] if squeeze else K
+
+
 # ----------------------------------------------------------------------------- planning
 
 def _positions(mask, n, t):
@@ -363,12 +402,7 @@ def entk(apply_fn: Callable, params: Any, x_o: Any, x_u: Any = None, *,
       apply_fn, params, x_o, x_u, reduction, mask_o, mask_u)
   symmetric = x_u is x_o and _same_mask(mask_o, mask_u)
   if implementation == "auto":
-    candidates = IMPLEMENTATIONS
-    if is_seq and prob.itemsize < 8:
-      # known issue: "vp" loses accuracy in float32 on causal transformers with T >= 32
-      # (float64 is exact); "auto" does not pick it there
-      candidates = ("jacobian", "structured")
-    implementation = min(candidates, key=lambda i: prob.cost(i, symmetric))
+    implementation = min(IMPLEMENTATIONS, key=lambda i: prob.cost(i, symmetric))
   symmetric = symmetric and implementation != "vp"
   if implementation == "vp":
     row_bytes_u = prob.vp * sum(prob.leaf_sizes) * prob.itemsize * 2
@@ -389,9 +423,8 @@ def entk(apply_fn: Callable, params: Any, x_o: Any, x_u: Any = None, *,
       no, mc = nu, lc = min(no, nu), min(mc, lc)
   K = _run_chunks(apply_fn, params, implementation, reduction, prob,
                   x_o, pos_o, valid_o, x_u, pos_u, valid_u, (no, mc), (nu, lc),
-                  cache_u=cache_u, memory_budget=memory_budget, symmetric=symmetric)
-  if not is_seq:
-    K = K[:, :, 0, 0]
+                  cache_u=cache_u, memory_budget=memory_budget, symmetric=symmetric,
+                  squeeze=not is_seq)
   return K
 
 
@@ -409,9 +442,10 @@ def _transpose_block(blk, reduction):
 
 def _run_chunks(apply_fn, params, implementation, reduction, prob,
                 x_o, pos_o, valid_o, x_u, pos_u, valid_u, chunk_o, chunk_u, cache_u,
-                memory_budget, symmetric=False):
+                memory_budget, symmetric=False, squeeze=False):
   """Fills K block by block. With ``symmetric`` (x_u is x_o) only blocks on and above the
-  diagonal are computed, and every chunk's features are computed once."""
+  diagonal are computed, and every chunk's features are computed once. ``squeeze`` drops the
+  position axes of a classifier's K."""
   (no, mc), (nu, lc) = chunk_o, chunk_u
   co = [(a, b, c, d) for (a, b), (c, d) in itertools.product(_chunks(prob.n_o, no), _chunks(prob.m, mc))]
   cu = [(a, b, c, d) for (a, b), (c, d) in itertools.product(_chunks(prob.n_u, nu), _chunks(prob.l, lc))]
@@ -423,7 +457,8 @@ def _run_chunks(apply_fn, params, implementation, reduction, prob,
     v = np.zeros((n_ex, n_pos), bool)
     p[:, :d - c] = pos[idx, c:d]
     v[:b - a, :d - c] = valid[a:b, c:d]
-    return _take(x, idx), jnp.asarray(p), jnp.asarray(v)
+    whole = a == 0 and b == n_ex == len(pos)
+    return (x if whole else _take(x, idx)), jnp.asarray(p), jnp.asarray(v)
 
   structured = implementation == "structured"
   feats = lambda x, p, v: _features(apply_fn, structured, reduction, params, x, p, v)
@@ -432,14 +467,15 @@ def _run_chunks(apply_fn, params, implementation, reduction, prob,
   budget_floats = memory_budget / 4 / prob.itemsize
   batches = tuple(int(max(1, min(no, budget_floats // max(nu * S * lc * prob.vp * F, 1))))
                   for S, _, F in dims)
-  if len(co) == 1 and len(cu) == 1:   # one block: stay on the device
+  if len(co) == 1 and len(cu) == 1:   # one block: one XLA program
     xo, po, vo = piece(x_o, pos_o, valid_o, *co[0], no, mc)
     if implementation == "vp":
       xu, pu, vu = piece(x_u, pos_u, valid_u, *cu[0], nu, lc)
-      return _vp_block(apply_fn, reduction, params, xo, po, vo, xu, pu, vu)
-    fo = feats(xo, po, vo)
-    fu = fo if symmetric else feats(*piece(x_u, pos_u, valid_u, *cu[0], nu, lc))
-    return _contract(reduction, orders, batches, fo, fu)
+      K = _vp_block(apply_fn, reduction, params, xo, po, vo, xu, pu, vu)
+      return K[:, :, 0, 0] if squeeze else K
+    u = () if symmetric else piece(x_u, pos_u, valid_u, *cu[0], nu, lc)
+    return _one_block(apply_fn, structured, reduction, orders, batches, squeeze, params,
+                      xo, po, vo, *u)
 
   dtype = np.dtype(jax.tree_util.tree_leaves(trainable_fn(apply_fn, params)[1])[0].dtype)
   tail = {"full": (prob.vp, prob.vp), "diagonal": (prob.vp,), "trace": (), "sum_logits": ()}[reduction]
@@ -469,7 +505,7 @@ def _run_chunks(apply_fn, params, implementation, reduction, prob,
         out[e:g, a:b, h:k, c:d] = _transpose_block(blk, reduction)
     if symmetric and not cache_u:
       cached.pop(("u", a, c), None)
-  return jnp.asarray(out)
+  return jnp.asarray(out[:, :, 0, 0] if squeeze else out)
 
 
 def last_position_mask(mask_or_lengths: Any, t: Optional[int] = None) -> np.ndarray:

@@ -1,5 +1,6 @@
 """ldjax.entk: every implementation equals the jacrev J_o J_uᵀ and neural-tangents' golden K."""
 
+import functools
 import os
 
 import flax.linen as nn
@@ -11,7 +12,7 @@ from flax import nnx
 
 import ldjax
 from ldjax import zoo
-from conftest import cast, jacrev_entk, precision, rel, small_model
+from conftest import cast, jacrev_entk, numpy_init, precision, rel, small_model
 
 IMPLS = ["jacobian", "vp", "structured", "auto"]
 TOL = {"float32": 1e-5, "float64": 1e-10}
@@ -32,6 +33,33 @@ def test_every_implementation_equals_jacrev(model, dtype):
     for a in IMPLS:   # and each other
       for b in IMPLS:
         assert rel(Ks[a], Ks[b]) <= TOL[dtype]
+
+
+def test_float32_long_sequence():
+  """T = 32, V = 16 (T·V = 512 Jacobian rows): every float32 K equals the float64 definition.
+
+  On jaxlib 0.10.2's CPU backend this needs ldjax/_xla_flags.py: without it the jitted
+  backward pass over ≥ 256 rows is miscompiled and jacobian/structured were off by 60 %.
+  """
+  rng = np.random.default_rng(7)
+  kw = dict(vocab=16, d_model=32, n_heads=4, n_layers=2, max_len=32)
+  f = functools.partial(zoo.transformer_apply, n_heads=4)
+  p32 = numpy_init(zoo.transformer_init, jnp.float32, 3, **kw)
+  xo = jnp.asarray(rng.integers(0, 16, (1, 32)), jnp.int32)
+  xu = jnp.asarray(rng.integers(0, 16, (1, 32)), jnp.int32)
+  with precision("float64"):
+    p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), p32)
+    K64 = np.asarray(jacrev_entk(f, p64, xo, xu))
+  for impl in IMPLS:
+    K = ldjax.entk(f, p32, xo, xu, implementation=impl)
+    assert rel(K, K64) <= 1e-5, (impl, rel(K, K64))
+
+
+def test_xla_cpu_reduction_workaround_is_active():
+  """The minimal miscompile behind the test above: jit(jacrev(LayerNorm)) vs eager, float32."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 32)), jnp.float32)
+  ln = lambda h: zoo.layer_norm({"scale": jnp.ones(32), "bias": jnp.zeros(32)}, h)
+  assert rel(jax.jit(jax.jacrev(ln))(x), jax.jacrev(ln)(x)) <= 1e-6
 
 
 @pytest.mark.parametrize("model,impl", [("mlp", "jacobian"), ("mlp", "vp"), ("transformer", "structured")])
@@ -119,6 +147,11 @@ def test_entk_vp_equals_K_times_v():
       want = (np.einsum("ouij,uj->oi", K, v) if len(shape_u) == 2
               else np.einsum("oumlij,ulj->omi", K, v))
       assert rel(ldjax.entk_vp(f, p, xo, xu, v), want) <= 1e-10
+      # x_u is x_o takes the shared-linearisation path
+      Kuu = np.asarray(jacrev_entk(f, p, xu, xu))
+      want = (np.einsum("ouij,uj->oi", Kuu, v) if len(shape_u) == 2
+              else np.einsum("oumlij,ulj->omi", Kuu, v))
+      assert rel(ldjax.entk_vp(f, p, xu, xu, v), want) <= 1e-10
 
 
 class _LinenNet(nn.Module):
