@@ -300,3 +300,55 @@ def site_dims(closed_jaxpr, plan: Plan) -> list:
       C += 1 if s.bias >= 0 else 0
     dims.append((S, C, F))
   return dims
+
+
+_ORDER_KEEPING = ("reshape", "squeeze", "convert_element_type", "copy", "copy_p")
+
+
+def head_site(closed_jaxpr, plan: Plan) -> int:
+  """The site that computes the logits directly, else ``-1``.
+
+  That is a ``dot`` site ``y = x W`` (``x (..., C)``, ``W (C, V)``, its bias folded in or none)
+  whose output reaches the jaxpr's only output through order-keeping reshapes alone, so that
+  ``z_p = W̃ᵀ x̃_p`` at every output position ``p``. Then every other parameter's Jacobian row
+  for logit ``i`` is ``Σ_c W[c, i] ∂x_c/∂θ``: its K block is ``Wᵀ K_x W`` with ``K_x`` the
+  ``C × C`` kernel of the head's input, the saving ``ntk`` makes when ``C < V``.
+  """
+  jaxpr = closed_jaxpr.jaxpr
+  if len(jaxpr.outvars) != 1:
+    return -1
+  by_path = {s.path: k for k, s in enumerate(plan.sites)}
+  v, path, cur = jaxpr.outvars[0], (), jaxpr
+  bias_add = None
+  while _is_var(v):
+    found = [(i, e) for i, e in enumerate(cur.eqns) if v in e.outvars]
+    if not found:
+      return -1
+    i, eqn = found[0]
+    name = eqn.primitive.name
+    k = by_path.get(path + (i,))
+    if k is not None:
+      s = plan.sites[k]
+      w = eqn.invars[1].aval
+      x = eqn.invars[0].aval
+      ok = (s.kind == "dot" and s.x_index == 0 and w.ndim == 2
+            and tuple(s.x_perm) == tuple(range(x.ndim)) and (bias_add is None) == (s.bias < 0))
+      return k if ok else -1
+    if name in _ORDER_KEEPING and len(eqn.invars) == 1:
+      v = eqn.invars[0]
+    elif name == "slice" and eqn.outvars[0].aval.size == eqn.invars[0].aval.size:
+      v = eqn.invars[0]
+    elif name == "add" and bias_add is None:
+      prods = [a for a in eqn.invars if _is_var(a)
+               and any(path + (j,) in by_path and a in e.outvars for j, e in enumerate(cur.eqns))]
+      if len(prods) != 1:
+        return -1
+      bias_add, v = eqn, prods[0]
+    elif name in _CALLS:
+      inner, _ = _inner(eqn)
+      if inner is None:
+        return -1
+      v, path, cur = inner.outvars[eqn.outvars.index(v)], path + (i,), inner
+    else:
+      return -1
+  return -1

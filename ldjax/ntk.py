@@ -68,16 +68,19 @@ def _trace_example(apply_fn, variables, x, structured):
   return f1, leaves, closed, plan
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _features(apply_fn, structured, reduction, variables, x, pos, valid):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _features(apply_fn, structured, reduction, head, variables, x, pos, valid):
   """Row features of a chunk of examples.
 
-  Returns ``(J, D, X)``: fallback Jacobian rows ``[(n, M, V', p)]``, site cotangents
-  ``[(n, M, V', S, F)]`` and site activations ``[(n, S, C)]``.
+  Returns ``(J, D, X, H)``: fallback Jacobian rows ``[(n, M, V', p)]``, site cotangents
+  ``[(n, M, V', S, F)]``, site activations ``[(n, S, C)]`` and, with a ``head`` site (its index,
+  else -1), that site's input rows ``H (n, M, C̃)``. With a head the rows are not the logits but
+  the head's input ``x (M, C)``: then ``V' = C`` and the head site itself has no D or X.
   """
   _, leaves, closed, plan = _trace_example(apply_fn, variables, x, structured)
   shapes = _structured.site_shapes(closed, plan)
   fb = plan.fallback
+  keep = [k for k in range(len(plan.sites)) if k != head]
 
   def per_example(x1, pos1, valid1):
     xl = jax.tree_util.tree_leaves(x1)
@@ -86,21 +89,46 @@ def _features(apply_fn, structured, reduction, variables, x, pos, valid):
       ls = list(leaves)
       for k, l in enumerate(fb):
         ls[l] = fb_vals[k]
-      outs, xs = _structured.evaluate(closed, ls + xl, plan, eps)
-      return _rows(outs[0], pos1, valid1, reduction), xs
+      full = [jnp.zeros(a.shape, a.dtype) for a in shapes]
+      for k, e in zip(keep, eps):
+        full[k] = e
+      outs, xs = _structured.evaluate(closed, ls + xl, plan, full)
+      if head < 0:
+        return _rows(outs[0], pos1, valid1, reduction), (xs, None)
+      h = xs[head][pos1] * valid1[:, None].astype(xs[head].dtype)     # (M, C̃)
+      c = _head_width(plan.sites[head], h)
+      return h[:, :c], ([xs[k] for k in keep], jax.lax.stop_gradient(h))
 
-    eps0 = [jnp.zeros(a.shape, a.dtype) for a in shapes]
-    (J, D), xs = jax.jacrev(g, argnums=(0, 1), has_aux=True)([leaves[l] for l in fb], eps0)
+    eps0 = [jnp.zeros(shapes[k].shape, shapes[k].dtype) for k in keep]
+    (J, D), (xs, h) = jax.jacrev(g, argnums=(0, 1), has_aux=True)([leaves[l] for l in fb], eps0)
     J = [j.reshape(j.shape[:2] + (-1,)) for j in J]
     Ds = []
-    for s, d in zip(plan.sites, D):
+    for k, d in zip(keep, D):
+      s = plan.sites[k]
       d = jnp.transpose(d, (0, 1) + tuple(2 + a for a in s.out_perm))
       shp = d.shape[2:]
       S = int(np.prod(shp[:s.n_x_free], dtype=np.int64))
       Ds.append(d.reshape(d.shape[:2] + (S, -1)))
-    return J, Ds, xs
+    return J, Ds, xs, h
 
   return jax.vmap(per_example)(x, pos, valid)
+
+
+def _head_width(site, h):
+  """C, the head's input width (``h`` has one more column when the bias is folded in)."""
+  return h.shape[-1] - (1 if site.bias >= 0 else 0)
+
+
+def _head_matrix(variables, apply_fn, x, head):
+  """The head's ``W (C, V)`` (the dot's parameter, oriented contracting-axis first)."""
+  _, leaves, closed, plan = _trace_example(apply_fn, variables, x, True)
+  site = plan.sites[head]
+  jaxpr = closed.jaxpr
+  for j in site.path[:-1]:
+    jaxpr, _ = _structured._inner(jaxpr.eqns[j])
+  (_, rc), _ = jaxpr.eqns[site.path[-1]].params["dimension_numbers"]
+  w = leaves[site.leaf]
+  return w if tuple(rc) == (0,) else w.T
 
 
 def _site_orders(dims, n_o, n_u, m, l, vp, diag):
@@ -124,8 +152,8 @@ def _contract(reduction, orders, batches, fo, fu):
   ``orders`` picks per site how to contract (:func:`_site_orders`); ``batches`` how many x_o
   examples share one "gram" intermediate (memory).
   """
-  Jo, Do, Xo = fo
-  Ju, Du, Xu = fu
+  Jo, Do, Xo = fo[:3]
+  Ju, Du, Xu = fu[:3]
   diag = reduction in ("diagonal", "trace")
   K = 0.0
   for jo, ju in zip(Jo, Ju):
@@ -190,12 +218,27 @@ def _vp_block(apply_fn, reduction, variables, xo, pos_o, valid_o, xu, pos_u, val
   return K
 
 
+def _contract_any(reduction, orders, batches, w, fo, fu):
+  """:func:`_contract`, or with a head ``w (C, V)``: ``K = Wᵀ K_x W + ⟨x̃_o, x̃_u⟩ I``.
+
+  ``K_x (n_o, n_u, M, L, C, C)`` is the kernel of the head's input over every other parameter;
+  the second term is the head's own block (``J = x̃ ⊗ e_i`` at the row's position).
+  """
+  if w is None:
+    return _contract(reduction, orders, batches, fo, fu)
+  kx = _contract("full", orders, batches, fo, fu)
+  k = jnp.einsum("oumlab,bj->oumlaj", kx, w)
+  k = jnp.einsum("oumlaj,ai->oumlij", k, w)
+  xh = jnp.einsum("omc,ulc->ouml", fo[3], fu[3])
+  return k + xh[..., None, None] * jnp.eye(w.shape[1], dtype=k.dtype)
+
+
 def _split(f, a, b):
   """Examples ``a:b`` of a chunk's features ``(J, D, X)``."""
   return jax.tree_util.tree_map(lambda t: t[a:b], f)
 
 
-def _contract_symmetric(reduction, orders, batches, f, depth=2):
+def _contract_symmetric(reduction, orders, batches, w, f, depth=2):
   """K(x, x) from one set of features, computing only the blocks on and above the diagonal.
 
   Splits the examples in two: ``K = [[K_aa, K_ab], [K_abᵀ, K_bb]]``, recursing ``depth`` times
@@ -203,30 +246,34 @@ def _contract_symmetric(reduction, orders, batches, f, depth=2):
   depth 2 (3/4 at depth 1). ``K_ba`` is ``K_ab`` with (o, u), (m, l) and (i, j) swapped.
   """
   n = jax.tree_util.tree_leaves(f)[0].shape[0]
-  if depth == 0 or n < 8:
-    return _contract(reduction, orders, batches, f, f)
+  if depth == 0 or n < 4:
+    return _contract_any(reduction, orders, batches, w, f, f)
   h = n // 2
   fa, fb = _split(f, 0, h), _split(f, h, n)
-  kaa = _contract_symmetric(reduction, orders, batches, fa, depth - 1)
-  kbb = _contract_symmetric(reduction, orders, batches, fb, depth - 1)
-  kab = _contract(reduction, orders, batches, fa, fb)
+  kaa = _contract_symmetric(reduction, orders, batches, w, fa, depth - 1)
+  kbb = _contract_symmetric(reduction, orders, batches, w, fb, depth - 1)
+  kab = _contract_any(reduction, orders, batches, w, fa, fb)
   perm = (1, 0, 3, 2) + ((5, 4) if reduction == "full" else tuple(range(4, kab.ndim)))
   top = jnp.concatenate([kaa, kab], axis=1)
   bottom = jnp.concatenate([jnp.transpose(kab, perm), kbb], axis=1)
   return jnp.concatenate([top, bottom], axis=0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _one_block(apply_fn, structured, reduction, orders, batches, squeeze, variables,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _one_block(apply_fn, structured, reduction, head, orders, batches, squeeze, variables,
                xo, po, vo, xu=None, pu=None, vu=None):
   """Features and contraction of a single block in one XLA program (``xu`` None: K(x_o, x_o))."""
-  fo = _features(apply_fn, structured, reduction, variables, xo, po, vo)
+  w = _head_matrix(variables, apply_fn, xo, head) if head >= 0 else None
+  fo = _features(apply_fn, structured, reduction, head, variables, xo, po, vo)
   if xu is None:
-    K = _contract_symmetric(reduction, orders, batches, fo)
+    K = _contract_symmetric(reduction, orders, batches, w, fo)
   else:
-    K = _contract(reduction, orders, batches, fo, _features(apply_fn, structured, reduction,
-                                                            variables, xu, pu, vu))
+    fu = _features(apply_fn, structured, reduction, head, variables, xu, pu, vu)
+    K = _contract_any(reduction, orders, batches, w, fo, fu)
   return K[:, :, 0, 0] if squeeze else K
+
+
+_head_matrix_jit = jax.jit(_head_matrix, static_argnums=(1, 3))
 
 
 # ----------------------------------------------------------------------------- planning
@@ -280,8 +327,14 @@ class _Problem:
       _, leaves, closed, plan = _trace_example(apply_fn, variables, x_o, True)
       self._CACHE[key] = (plan, _structured.site_dims(closed, plan),
                           [int(np.prod(np.shape(l))) for l in leaves],
-                          _jaxpr_flops(closed.jaxpr))
-    self.plan, self.dims, self.leaf_sizes, flops = self._CACHE[key]
+                          _jaxpr_flops(closed.jaxpr), _structured.head_site(closed, plan))
+    self.plan, self.dims, self.leaf_sizes, flops, head = self._CACHE[key]
+    # the head factorisation pays when the head's input is narrower than V (full blocks only)
+    self.head = -1
+    if head >= 0 and reduction == "full":
+      _, c, _ = self.dims[head]
+      if c - (1 if self.plan.sites[head].bias >= 0 else 0) < v:
+        self.head = head
     self.n_o, self.m = pos_o.shape
     self.n_u, self.l = pos_u.shape
     self.v = v
@@ -289,6 +342,13 @@ class _Problem:
     self.diag = reduction in ("diagonal", "trace")
     self.itemsize = np.dtype(jax.tree_util.tree_leaves(params)[0].dtype).itemsize
     self.f1_flops = max(flops, 2.0 * sum(self.leaf_sizes))
+
+  def use_head(self):
+    """Switches this problem to the head factorisation (structured only): rows of width C."""
+    S, C, F = self.dims[self.head]
+    self.head_dims = (S, C, F)
+    self.dims = [d for k, d in enumerate(self.dims) if k != self.head]
+    self.vp = C - (1 if self.plan.sites[self.head].bias >= 0 else 0)
 
   def floats_per_row(self, implementation):
     """Feature floats per output row (one position and one logit of one example)."""
@@ -301,6 +361,13 @@ class _Problem:
     """Estimated FLOPs of the whole call (K(x, x) computes about half of the blocks)."""
     if symmetric and implementation != "vp":
       return 0.5 * self.cost(implementation)
+    if implementation == "structured" and self.head >= 0 and not hasattr(self, "head_dims"):
+      import copy
+      p = copy.copy(self)
+      p.use_head()
+      c = self.vp
+      mapping = 2 * self.n_o * self.n_u * self.m * self.l * (p.vp * p.vp * c + p.vp * c * c)
+      return p.cost("structured") + mapping
     f1 = self.f1_flops
     ro, ru = self.n_o * self.m * self.vp, self.n_u * self.l * self.vp
     pairs = self.n_o * self.n_u * self.m * self.l * self.vp * (1 if self.diag else self.vp)
@@ -404,6 +471,8 @@ def entk(apply_fn: Callable, params: Any, x_o: Any, x_u: Any = None, *,
   if implementation == "auto":
     implementation = min(IMPLEMENTATIONS, key=lambda i: prob.cost(i, symmetric))
   symmetric = symmetric and implementation != "vp"
+  if implementation == "structured" and prob.head >= 0:
+    prob.use_head()
   if implementation == "vp":
     row_bytes_u = prob.vp * sum(prob.leaf_sizes) * prob.itemsize * 2
     nu, lc = _plan_chunks(prob.n_u, prob.l, row_bytes_u, memory_budget)
@@ -461,7 +530,9 @@ def _run_chunks(apply_fn, params, implementation, reduction, prob,
     return (x if whole else _take(x, idx)), jnp.asarray(p), jnp.asarray(v)
 
   structured = implementation == "structured"
-  feats = lambda x, p, v: _features(apply_fn, structured, reduction, params, x, p, v)
+  head = prob.head if (structured and hasattr(prob, "head_dims")) else -1
+  w = None if head < 0 else _head_matrix_jit(params, apply_fn, x_o, head)
+  feats = lambda x, p, v: _features(apply_fn, structured, reduction, head, params, x, p, v)
   dims = prob.dims if structured else []
   orders = _site_orders(dims, no, nu, mc, lc, prob.vp, prob.diag)
   budget_floats = memory_budget / 4 / prob.itemsize
@@ -474,11 +545,11 @@ def _run_chunks(apply_fn, params, implementation, reduction, prob,
       K = _vp_block(apply_fn, reduction, params, xo, po, vo, xu, pu, vu)
       return K[:, :, 0, 0] if squeeze else K
     u = () if symmetric else piece(x_u, pos_u, valid_u, *cu[0], nu, lc)
-    return _one_block(apply_fn, structured, reduction, orders, batches, squeeze, params,
+    return _one_block(apply_fn, structured, reduction, head, orders, batches, squeeze, params,
                       xo, po, vo, *u)
 
   dtype = np.dtype(jax.tree_util.tree_leaves(trainable_fn(apply_fn, params)[1])[0].dtype)
-  tail = {"full": (prob.vp, prob.vp), "diagonal": (prob.vp,), "trace": (), "sum_logits": ()}[reduction]
+  tail = {"full": (prob.v, prob.v), "diagonal": (prob.v,), "trace": (), "sum_logits": ()}[reduction]
   out = np.zeros((prob.n_o, prob.n_u, prob.m, prob.l) + tail, dtype)
   cached = {}
   for io, (a, b, c, d) in enumerate(co):
@@ -498,7 +569,7 @@ def _run_chunks(apply_fn, params, implementation, reduction, prob,
           fu = feats(xu, pu, vu)
           if cache_u:
             cached[("u", e, h)] = fu
-        blk = _contract(reduction, orders, batches, fo, fu)
+        blk = _contract_any(reduction, orders, batches, w, fo, fu)
       blk = np.asarray(blk)[:b - a, :g - e, :d - c, :k - h]
       out[a:b, e:g, c:d, h:k] = blk
       if symmetric and iu != io:

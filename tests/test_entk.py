@@ -55,6 +55,41 @@ def test_float32_long_sequence():
     assert rel(K, K64) <= 1e-5, (impl, rel(K, K64))
 
 
+@pytest.mark.parametrize("bias,transposed", [(True, False), (False, True)])
+def test_head_factorisation(bias, transposed):
+  """z = x̃ W̃ with C < V: structured K = Wᵀ K_x W + ⟨x̃_o, x̃_u⟩ I equals the definition."""
+  from ldjax import ntk
+  rng = np.random.default_rng(3)
+  c, v = 4, 9
+  p = {"w1": jnp.asarray(rng.normal(size=(5, c)) / 2), "b1": jnp.asarray(rng.normal(size=(c,))),
+       "head": jnp.asarray(rng.normal(size=(v, c) if transposed else (c, v)))}
+  if bias:
+    p["b"] = jnp.asarray(rng.normal(size=(v,)))
+
+  def f(q, x):                                  # (N, T, 5) -> (N, T, V)
+    h = jnp.tanh(x @ q["w1"] + q["b1"])
+    if transposed:   # contracts the head's second axis: W (V, C)
+      z = jax.lax.dot_general(h, q["head"], (((2,), (1,)), ((), ())))
+    else:
+      z = h @ q["head"]
+    return z + q["b"] if bias else z
+
+  with precision("float64"):
+    p = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), p)
+    xo = jnp.asarray(rng.normal(size=(3, 4, 5)))
+    xu = jnp.asarray(rng.normal(size=(2, 4, 5)))
+    prob, *_ = ntk._setup(f, p, xo, xu, "full", None, None)
+    assert prob.head >= 0
+    K0 = jacrev_entk(f, p, xo, xu)
+    assert rel(ldjax.entk(f, p, xo, xu, implementation="structured"), K0) <= 1e-10
+    mask = np.array([[1, 0, 1, 1], [0, 1, 1, 0], [1, 1, 1, 1]], bool)
+    Km = ldjax.entk(f, p, xo, xo, implementation="jacobian", mask_o=mask, mask_u=mask)
+    for budget in (10**9, 4000):                # one block (triangular K(x,x)) and chunked
+      K = ldjax.entk(f, p, xo, xo, implementation="structured", mask_o=mask, mask_u=mask,
+                     memory_budget=budget)
+      assert rel(K, Km) <= 1e-10, budget
+
+
 def test_xla_cpu_reduction_workaround_is_active():
   """The minimal miscompile behind the test above: jit(jacrev(LayerNorm)) vs eager, float32."""
   x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 32)), jnp.float32)
