@@ -47,7 +47,9 @@ def _good_curves():
     }
 
 
-EXTRA = {"dpo.degeneration": 0.3, "dpo_extend.degeneration": 0.1}
+EXTRA = {"dpo.degeneration": 0.3, "dpo_extend.degeneration": 0.1,
+         **C.history_measurements("dpo", {"loss": list(np.linspace(0.69, 0.2, 10)),
+                                          "margin": list(np.linspace(0.0, 12.0, 10))})}
 
 
 def _status(rows):
@@ -89,6 +91,28 @@ def test_single_claim_fails_when_its_numbers_contradict_it(claim, mutate):
     assert sum(v == "FAIL" for v in st.values()) == 1, st
 
 
+def test_history_measurements_average_first_and_last_fifth():
+    m = C.history_measurements("dpo", {"loss": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "margin": [0.0] * 10})
+    assert m["dpo.loss.first"] == pytest.approx(1.5) and m["dpo.loss.last"] == pytest.approx(9.5)
+    m = C.history_measurements("x", {"loss": [3.0, 1.0], "margin": [0.0, 2.0]})  # fifth < 1 step: one step
+    assert (m["x.loss.first"], m["x.loss.last"], m["x.margin.last"]) == (3.0, 1.0, 2.0)
+    with pytest.raises(ValueError, match="history of run 'dpo' has no 'margin'"):
+        C.history_measurements("dpo", {"loss": [1.0]})
+    with pytest.raises(ValueError, match="dpo.loss"):
+        C.history_measurements("dpo", {"loss": [], "margin": []})
+
+
+@pytest.mark.parametrize("loss,margin", [
+    ((0.69, 0.8), (0.0, 5.0)),    # the loss rose (an earlier run's 0.69 -> 0.8): FAIL
+    ((0.69, 0.3), (2.0, -1.0)),   # the margin shrank
+])
+def test_dpo_learns_fails_when_loss_or_margin_go_the_wrong_way(loss, margin):
+    extra = dict(EXTRA, **C.history_measurements("dpo", {"loss": list(np.linspace(*loss, 10)),
+                                                        "margin": list(np.linspace(*margin, 10))}))
+    st = _status(C.evaluate_claims([C.measure(_good_curves(), extra)]))
+    assert st["dpo_learns"] == "FAIL" and sum(v == "FAIL" for v in st.values()) == 1, st
+
+
 def test_most_types_fall_needs_a_majority():
     curves = _good_curves()
     others = [t for t in TYPES if t not in C.OTHER_EXCLUDE]  # 6 types
@@ -105,7 +129,8 @@ def test_comparisons_between_runs_can_fail():
     curves["dpo_onpolicy"] = _run({t: -30.0 for t in TYPES})
     curves["dpo_extend"] = _run({t: -30.0 for t in TYPES}, argmax=(-60, -10))
     curves["dpo_long"] = _run({t: -1.0 for t in TYPES})
-    st = _status(C.evaluate_claims([C.measure(curves, {"dpo.degeneration": 0.1, "dpo_extend.degeneration": 0.4})]))
+    st = _status(C.evaluate_claims([C.measure(curves, dict(EXTRA, **{"dpo.degeneration": 0.1,
+                                                                    "dpo_extend.degeneration": 0.4}))]))
     for k in ("onpolicy_less_decay", "extend_others_decay_slower", "extend_ystar_rises_slower",
               "longer_sft_more_squeeze", "extend_heldout_chosen", "extend_less_degenerate"):
         assert st[k] == "FAIL", (k, st)
@@ -176,6 +201,10 @@ def test_tiny_end_to_end_run_writes_every_claim(tmp_path):
     for run in ("sft", "sft_long", "sft_extend", "dpo", "dpo_extend", "dpo_onpolicy", "dpo_long"):
         assert f"{run}.train.chosen.logp_sum.change" in m
         assert f"{run}.test.chosen.logp_sum.last" in m
+    for run in ("dpo", "dpo_extend", "dpo_onpolicy", "dpo_long"):
+        # 2 DPO steps: the first and last fifth are steps 1 and 2 of the run's history
+        assert np.isfinite(m[f"{run}.loss.first"]) and m[f"{run}.loss.first"] == pytest.approx(np.log(2), abs=0.05)
+        assert np.isfinite(m[f"{run}.margin.last"])
     md = (out / "claims.md").read_text()
     assert md.count("| **PASS** |") + md.count("| **FAIL** |") == len(C.CLAIMS)
     for f in doc["figures"]:
@@ -188,3 +217,40 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["lm", "--data", str(tmp_path / "nope.jsonl"), "--quick"]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
     assert main(["lm", "--synthetic", "--quick", "--seeds", "0"]) == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"preference": {"n_pairs": 2}}))
+    assert main(["lm", "--synthetic", "--quick", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "preference.n_pairs" in err and "batch_size=8" in err
+
+
+def test_preference_trains_on_the_first_n_pairs_only():
+    from ldjax.lm.config import DEFAULT, QUICK, PreferenceConfig
+
+    assert DEFAULT.preference.n_pairs == 128 and DEFAULT.preference.epochs == 4.0
+    assert QUICK.preference.n_pairs == 32 and QUICK.preference.steps == 32
+    # epochs over n_pairs: 128 pairs / batch 8 = 16 steps per epoch, 4 epochs
+    assert DEFAULT.preference.total_steps(min(468, DEFAULT.preference.n_pairs)) == 64
+    with pytest.raises(ValueError, match="n_pairs"):
+        PreferenceConfig(n_pairs=4, batch_size=8)
+
+
+def test_preference_n_pairs_uses_the_first_records():
+    import jax
+
+    from ldjax.data.synthetic import generate_preferences
+    from ldjax.lm import train as T
+    from ldjax.lm.config import PreferenceConfig
+    from ldjax.lm.model import LMConfig, init_params
+    from ldjax.lm.tokenizer import ByteTokenizer
+
+    lm = LMConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=48)
+    records = generate_preferences(12, seed=3)
+    p0 = init_params(lm, jax.random.PRNGKey(0))
+    cfg = PreferenceConfig(n_pairs=4, batch_size=4, steps=3, epochs=0.0, warmup=0, lr=1e-3)
+    res = T.preference(p0, p0, lm, records, cfg, max_prompt_len=16, progress=False)
+    assert res.total_steps == 3 and len(res.history["loss"]) == 3
+    pos, _ = T.pair_examples(ByteTokenizer(), records, max_len=48, max_prompt_len=16)
+    got = sorted(map(tuple, res.last_batch["pos_tokens"].tolist()))
+    assert got == sorted(map(tuple, pos["tokens"][:4].tolist()))     # the first 4 pairs, nothing else
+    assert got != sorted(map(tuple, pos["tokens"][4:8].tolist()))

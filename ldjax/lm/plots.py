@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ldjax._png import save_png
 import matplotlib
 
 matplotlib.use("Agg")
@@ -38,11 +39,8 @@ def _style(s, k):
 
 
 def _save(fig, path) -> str:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-    return str(path)
+    """The one PNG writer of the package (:func:`ldjax._png.save_png`: 256-colour palette)."""
+    return save_png(fig, str(Path(path)), dpi=_DPI)
 
 
 def _smooth(y, w: int = 10) -> np.ndarray:

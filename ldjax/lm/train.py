@@ -616,7 +616,7 @@ def preference(params, ref_params, lm_config, records: Sequence[dict],
                stop_at: Optional[int] = None, progress: bool = True) -> PhaseResult:
     """DPO / IPO / SLiC / SPPO (``cfg.loss``) against the frozen reference ``ref_params``.
 
-    Off-policy (default): pairs (x, y⁺, y⁻) from ``records``; with ``cfg.ref_logp="dataset"`` the
+    Off-policy (default): pairs (x, y⁺, y⁻) from ``records`` (the first ``cfg.n_pairs`` if set); with ``cfg.ref_logp="dataset"`` the
     reference log-probs of all pairs are computed once before training, else per batch.
     On-policy (``cfg.on_policy``, SPIN-style): at every step y⁻ is sampled from the current policy
     at temperature ``cfg.temperature`` (:func:`sample_responses`, key ``fold_in(sample_key, step)``),
@@ -625,6 +625,8 @@ def preference(params, ref_params, lm_config, records: Sequence[dict],
     """
     tok = tokenizer or ByteTokenizer()
     records = list(records)
+    if cfg.n_pairs is not None:
+        records = records[:cfg.n_pairs]
     pos, neg = pair_examples(tok, records, max_len=lm_config.max_len, max_prompt_len=max_prompt_len)
     n = pos["tokens"].shape[0]
     total = cfg.total_steps(n)

@@ -11,6 +11,9 @@ curves). Keys:
   (every type but chosen, rejected and the greedy y*).
 * ``<run>.<set>.others.fall_share`` — the share of those types whose log π fell.
 * ``<run>.degeneration`` — share of repeated word n-grams in greedy decodes after the run.
+* ``<run>.loss.first`` / ``.last``, ``<run>.margin.first`` / ``.last`` (DPO runs) — the training
+  objective and the implicit-reward margin (log π/π_ref of y⁺ minus that of y⁻) averaged over the
+  first and the last fifth of the run's steps (:func:`history_measurements`).
 
 Runs: ``sft`` (baseline SFT), ``sft_extend`` (SFT on y⁺ and y⁻), ``sft_long`` (longer SFT),
 ``dpo`` (off-policy DPO after ``sft``), ``dpo_extend``, ``dpo_onpolicy``, ``dpo_long``.
@@ -29,6 +32,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 __all__ = ["Claim", "CLAIMS", "NATURAL_EXCLUDE", "OTHER_EXCLUDE", "measure", "repeated_ngram_share",
+           "history_measurements",
            "evaluate_claims", "claims_markdown", "aggregate"]
 
 OTHER_EXCLUDE = ("chosen", "rejected", "greedy")
@@ -51,6 +55,24 @@ def repeated_ngram_share(texts: Sequence[str], n: int = 3) -> float:
         if grams:
             vals.append(1.0 - len(set(grams)) / len(grams))
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def history_measurements(run: str, history: Mapping[str, Sequence[float]],
+                         keys: Sequence[str] = ("loss", "margin")) -> dict:
+    """``{<run>.<key>.first, <run>.<key>.last}``: the mean of ``history[key]`` over the first and
+    the last fifth of the steps (at least one step each) — a training curve's start and end,
+    smoothed over batches."""
+    out = {}
+    for k in keys:
+        if k not in history:
+            raise ValueError(f"history of run {run!r} has no {k!r} (keys: {sorted(history)})")
+        v = np.asarray(history[k], np.float64)
+        if v.ndim != 1 or v.size == 0:
+            raise ValueError(f"history {run}.{k} must be a non-empty 1-D sequence, got shape {v.shape}")
+        w = max(1, v.size // 5)
+        out[f"{run}.{k}.first"] = float(np.mean(v[:w]))
+        out[f"{run}.{k}.last"] = float(np.mean(v[-w:]))
+    return out
 
 
 def measure(curves: Mapping[str, Mapping], extra: Optional[Mapping[str, float]] = None) -> dict:
@@ -114,6 +136,13 @@ def _nonhum_lowest(m):
     return low < vals[lowest_nat], {"random_nonhum last": low, "lowest natural-language type last": vals[lowest_nat]}
 
 
+def _dpo_learns(m):
+    lf, ll = _get(m, "dpo.loss.first"), _get(m, "dpo.loss.last")
+    mf, ml = _get(m, "dpo.margin.first"), _get(m, "dpo.margin.last")
+    return (ll < lf and ml > mf), {"DPO loss first": lf, "DPO loss last": ll,
+                                   "margin first": mf, "margin last": ml}
+
+
 def _rejected_faster(m):
     r = _get(m, "dpo.train.rejected.logp_sum.change")
     c = _get(m, "dpo.train.chosen.logp_sum.change")
@@ -160,6 +189,8 @@ CLAIMS: tuple = (
           _sign("sft", "train", "random_nonhum", "logp_sum", -1)),
     Claim("sft_random_nonhum_lowest", "SFT", "after SFT, log π(y_rnd) is below every natural-language type",
           _nonhum_lowest),
+    Claim("dpo_learns", "DPO", "off-policy DPO learns: its training loss falls and the chosen-vs-rejected "
+          "margin (implicit reward) grows (first vs last fifth of the steps)", _dpo_learns),
     Claim("dpo_rejected_falls_faster", "DPO", "off-policy DPO: log π(y⁻) falls, and faster than log π(y⁺)",
           _rejected_faster),
     Claim("dpo_most_types_fall", "DPO", "off-policy DPO: most other probe types fall", _most_fall),

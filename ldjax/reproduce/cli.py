@@ -166,6 +166,8 @@ def run_seed(cfg, data, out: Path, *, cache_dir: Optional[Path], long_factor: fl
 
     curves = {k: _curves(trackers[k]) for k in RUNS}
     extra = {f"{k}.degeneration": v for k, v in degeneration.items()}
+    for name in dpos:
+        extra.update(C.history_measurements(name, histories[name]))
     return {"measurements": C.measure(curves, extra), "curves": curves, "timings": timings,
             "trackers": trackers, "histories": histories, "greedy_examples": examples,
             "steps": {"sft": base_steps, "sft_long": long_steps,
