@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,12 +40,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def timeit(fn, repeats):
-  out = jax.block_until_ready(fn())   # warm-up / compile
+def timeit(fn, repeats, warmup=True):
+  """Median seconds of ``repeats`` calls after a warm-up call (without one, compilation counts)."""
+  if warmup:
+    jax.block_until_ready(fn())
   ts = []
   for _ in range(repeats):
     t = time.perf_counter()
-    jax.block_until_ready(fn())
+    out = jax.block_until_ready(fn())
     ts.append(time.perf_counter() - t)
   return float(np.median(ts)), out
 
@@ -94,15 +97,19 @@ def bench_entk_case(name, args):
   rows, ref = [], None
   # the jacobian contraction and vp are orders of magnitude slower than structured at these sizes
   # (their FLOP counts are in `ldjax.entk_cost`); they run on the smallest case only
-  impls = ["structured", "jacobian", "vp"] if name == "mlp64" else ["structured"]
+  # per-token K: vp is ~7x cheaper than structured by the FLOP model, so "auto" runs it
+  impls = (["structured", "jacobian", "vp"] if name == "mlp64" else
+           [] if name == "tf_token" else ["structured"])
   print(json.dumps(dict(case=name, estimated_flops=ldjax.entk_cost(f, p, case["x_o"], case["x_u"], **kw))), flush=True)
-  for impl in impls + (["auto"] if name != "tf_token" else []):
+  for impl in impls + ["auto"]:
+    slow = impl in ("jacobian", "vp") or not name.startswith("mlp")
     t, K = timeit(lambda: ldjax.entk(f, p, case["x_o"], case["x_u"], implementation=impl, **kw),
-                  args.repeats if name.startswith("mlp") else 1)
+                  1 if slow else args.repeats, warmup=not (name == "tf_token"))
     if case.get("last"):
       K = K[:, :, 0, 0]
     ref = K if ref is None else ref
-    rows.append(dict(impl=f"ldjax {impl}", seconds=t, shape=list(K.shape), err=rel(K, ref)))
+    rows.append(dict(impl=f"ldjax {impl}", seconds=t, shape=list(K.shape), err=rel(K, ref),
+                     peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
     print(json.dumps(rows[-1]), flush=True)
   if not args.no_peer and name != "tf_token":
     peer_rows, ks = run_peer(case, args.peer, args.repeats if name.startswith("mlp") else 1,
