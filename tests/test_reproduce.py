@@ -187,10 +187,17 @@ TINY = {
 def test_tiny_end_to_end_run_writes_every_claim(tmp_path):
     from ldjax.reproduce.cli import main
 
+    from ldjax.data.synthetic import generate_preferences
+
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(TINY))
+    # a plain prompt/chosen/rejected file (no probe fields): the probe types are built from it
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
+                             for r in generate_preferences(120)))
     out = tmp_path / "out"
-    rc = main(["lm", "--synthetic", "--quick", "--config", str(cfg), "--out", str(out), "--no-cache"])
+    rc = main(["lm", "--data", str(plain), "--quick", "--config", str(cfg), "--out", str(out),
+               "--no-cache"])
     assert rc == 0
     doc = json.loads((out / "claims.json").read_text())
     assert [r["id"] for r in doc["claims"]] == [c.id for c in C.CLAIMS]
