@@ -39,6 +39,7 @@ class Site:
     vocab: table size for ``"gather"`` sites (the one-hot width), else 0.
     bias: leaf index of a bias added right after the product (``y = x W + b``), else -1. Its
       Jacobian is ``Σ_s δ_s``, so it joins the site as one more activation column of ones.
+    w_contract: the parameter's contracting axes (``"dot"`` sites).
   """
   leaf: int
   path: tuple
@@ -49,6 +50,7 @@ class Site:
   out_perm: tuple
   vocab: int = 0
   bias: int = -1
+  w_contract: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +94,7 @@ def _dot_site(eqn, k: int, leaf: int, path: tuple):
     out_perm = tuple(range(nx + nw))
   else:              # out = (w_free..., x_free...)
     out_perm = tuple(range(nw, nw + nx)) + tuple(range(nw))
-  return Site(leaf, path, "dot", x_index, x_free + x_con, nx, out_perm)
+  return Site(leaf, path, "dot", x_index, x_free + x_con, nx, out_perm, w_contract=w_con)
 
 
 def _gather_site(eqn, leaf: int, path: tuple):

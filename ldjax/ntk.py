@@ -22,6 +22,7 @@ the largest count, and entries past an example's count are zero.
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 from typing import Any, Callable, Optional
@@ -97,7 +98,7 @@ def _features(apply_fn, structured, reduction, head, variables, x, pos, valid):
         return _rows(outs[0], pos1, valid1, reduction), (xs, None)
       h = xs[head][pos1] * valid1[:, None].astype(xs[head].dtype)     # (M, C̃)
       c = _head_width(plan.sites[head], h)
-      return h[:, :c], ([xs[k] for k in keep], jax.lax.stop_gradient(h))
+      return h[:, :c], ([xs[k] for k in keep], h)
 
     eps0 = [jnp.zeros(shapes[k].shape, shapes[k].dtype) for k in keep]
     (J, D), (xs, h) = jax.jacrev(g, argnums=(0, 1), has_aux=True)([leaves[l] for l in fb], eps0)
@@ -119,16 +120,10 @@ def _head_width(site, h):
   return h.shape[-1] - (1 if site.bias >= 0 else 0)
 
 
-def _head_matrix(variables, apply_fn, x, head):
-  """The head's ``W (C, V)`` (the dot's parameter, oriented contracting-axis first)."""
-  _, leaves, closed, plan = _trace_example(apply_fn, variables, x, True)
-  site = plan.sites[head]
-  jaxpr = closed.jaxpr
-  for j in site.path[:-1]:
-    jaxpr, _ = _structured._inner(jaxpr.eqns[j])
-  (_, rc), _ = jaxpr.eqns[site.path[-1]].params["dimension_numbers"]
-  w = leaves[site.leaf]
-  return w if tuple(rc) == (0,) else w.T
+def _head_matrix(apply_fn, variables, site):
+  """The head's ``W (C, V)``: the site's parameter leaf, contracting axis first."""
+  w = jax.tree_util.tree_leaves(trainable_fn(apply_fn, variables)[1])[site.leaf]
+  return w if site.w_contract == (0,) else w.T
 
 
 def _site_orders(dims, n_o, n_u, m, l, vp, diag):
@@ -253,17 +248,16 @@ def _contract_symmetric(reduction, orders, batches, w, f, depth=2):
   kaa = _contract_symmetric(reduction, orders, batches, w, fa, depth - 1)
   kbb = _contract_symmetric(reduction, orders, batches, w, fb, depth - 1)
   kab = _contract_any(reduction, orders, batches, w, fa, fb)
-  perm = (1, 0, 3, 2) + ((5, 4) if reduction == "full" else tuple(range(4, kab.ndim)))
   top = jnp.concatenate([kaa, kab], axis=1)
-  bottom = jnp.concatenate([jnp.transpose(kab, perm), kbb], axis=1)
+  bottom = jnp.concatenate([_transpose_block(kab, reduction), kbb], axis=1)
   return jnp.concatenate([top, bottom], axis=0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
-def _one_block(apply_fn, structured, reduction, head, orders, batches, squeeze, variables,
+def _one_block(apply_fn, structured, reduction, head, orders, batches, squeeze, variables, w,
                xo, po, vo, xu=None, pu=None, vu=None):
-  """Features and contraction of a single block in one XLA program (``xu`` None: K(x_o, x_o))."""
-  w = _head_matrix(variables, apply_fn, xo, head) if head >= 0 else None
+  """Features and contraction of a single block in one XLA program (``xu`` None: K(x_o, x_o));
+  ``w`` is the head's matrix (None without one)."""
   fo = _features(apply_fn, structured, reduction, head, variables, xo, po, vo)
   if xu is None:
     K = _contract_symmetric(reduction, orders, batches, w, fo)
@@ -272,8 +266,6 @@ def _one_block(apply_fn, structured, reduction, head, orders, batches, squeeze, 
     K = _contract_any(reduction, orders, batches, w, fo, fu)
   return K[:, :, 0, 0] if squeeze else K
 
-
-_head_matrix_jit = jax.jit(_head_matrix, static_argnums=(1, 3))
 
 
 # ----------------------------------------------------------------------------- planning
@@ -343,12 +335,18 @@ class _Problem:
     self.itemsize = np.dtype(jax.tree_util.tree_leaves(params)[0].dtype).itemsize
     self.f1_flops = max(flops, 2.0 * sum(self.leaf_sizes))
 
-  def use_head(self):
-    """Switches this problem to the head factorisation (structured only): rows of width C."""
-    S, C, F = self.dims[self.head]
-    self.head_dims = (S, C, F)
-    self.dims = [d for k, d in enumerate(self.dims) if k != self.head]
-    self.vp = C - (1 if self.plan.sites[self.head].bias >= 0 else 0)
+  headed = False
+  """True for the view :meth:`with_head` returns: rows are the head's C inputs."""
+
+  def with_head(self) -> "_Problem":
+    """This problem under the head factorisation (structured only): the head site leaves the
+    sites, and the feature rows are its ``C`` inputs instead of the ``V`` logits."""
+    p = copy.copy(self)
+    _, c, _ = self.dims[self.head]
+    p.dims = [d for k, d in enumerate(self.dims) if k != self.head]
+    p.vp = c - (1 if self.plan.sites[self.head].bias >= 0 else 0)
+    p.headed = True
+    return p
 
   def floats_per_row(self, implementation):
     """Feature floats per output row (one position and one logit of one example)."""
@@ -361,12 +359,9 @@ class _Problem:
     """Estimated FLOPs of the whole call (K(x, x) computes about half of the blocks)."""
     if symmetric and implementation != "vp":
       return 0.5 * self.cost(implementation)
-    if implementation == "structured" and self.head >= 0 and not hasattr(self, "head_dims"):
-      import copy
-      p = copy.copy(self)
-      p.use_head()
-      c = self.vp
-      mapping = 2 * self.n_o * self.n_u * self.m * self.l * (p.vp * p.vp * c + p.vp * c * c)
+    if implementation == "structured" and self.head >= 0 and not self.headed:
+      p = self.with_head()     # K = Wᵀ K_x W: the mapping is two products per (o, u, m, l)
+      mapping = 2 * self.n_o * self.n_u * self.m * self.l * (p.vp * p.vp * self.vp + p.vp * self.vp ** 2)
       return p.cost("structured") + mapping
     f1 = self.f1_flops
     ro, ru = self.n_o * self.m * self.vp, self.n_u * self.l * self.vp
@@ -472,7 +467,7 @@ def entk(apply_fn: Callable, params: Any, x_o: Any, x_u: Any = None, *,
     implementation = min(IMPLEMENTATIONS, key=lambda i: prob.cost(i, symmetric))
   symmetric = symmetric and implementation != "vp"
   if implementation == "structured" and prob.head >= 0:
-    prob.use_head()
+    prob = prob.with_head()
   if implementation == "vp":
     row_bytes_u = prob.vp * sum(prob.leaf_sizes) * prob.itemsize * 2
     nu, lc = _plan_chunks(prob.n_u, prob.l, row_bytes_u, memory_budget)
@@ -504,9 +499,10 @@ def _same_mask(a, b) -> bool:
 
 
 def _transpose_block(blk, reduction):
-  """K(x_u, x_o) from K(x_o, x_u): swap (o, u), (m, l) and, for the full block, (i, j)."""
+  """K(x_u, x_o) from K(x_o, x_u): swap (o, u), (m, l) and, for the full block, (i, j).
+  (numpy or jax arrays: ``.transpose`` of either.)"""
   perm = (1, 0, 3, 2) + ((5, 4) if reduction == "full" else tuple(range(4, blk.ndim)))
-  return np.transpose(blk, perm)
+  return blk.transpose(perm)
 
 
 def _run_chunks(apply_fn, params, implementation, reduction, prob,
@@ -530,8 +526,8 @@ def _run_chunks(apply_fn, params, implementation, reduction, prob,
     return (x if whole else _take(x, idx)), jnp.asarray(p), jnp.asarray(v)
 
   structured = implementation == "structured"
-  head = prob.head if (structured and hasattr(prob, "head_dims")) else -1
-  w = None if head < 0 else _head_matrix_jit(params, apply_fn, x_o, head)
+  head = prob.head if (structured and prob.headed) else -1
+  w = None if head < 0 else _head_matrix(apply_fn, params, prob.plan.sites[head])
   feats = lambda x, p, v: _features(apply_fn, structured, reduction, head, params, x, p, v)
   dims = prob.dims if structured else []
   orders = _site_orders(dims, no, nu, mc, lc, prob.vp, prob.diag)
@@ -545,7 +541,7 @@ def _run_chunks(apply_fn, params, implementation, reduction, prob,
       K = _vp_block(apply_fn, reduction, params, xo, po, vo, xu, pu, vu)
       return K[:, :, 0, 0] if squeeze else K
     u = () if symmetric else piece(x_u, pos_u, valid_u, *cu[0], nu, lc)
-    return _one_block(apply_fn, structured, reduction, head, orders, batches, squeeze, params,
+    return _one_block(apply_fn, structured, reduction, head, orders, batches, squeeze, params, w,
                       xo, po, vo, *u)
 
   dtype = np.dtype(jax.tree_util.tree_leaves(trainable_fn(apply_fn, params)[1])[0].dtype)
