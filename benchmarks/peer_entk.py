@@ -10,8 +10,8 @@ Run with the PEER venv (jax 0.4.25 + neural-tangents 0.6.5 + numpy<2; recipe in
 For each requested implementation (1 JACOBIAN_CONTRACTION, 2 NTK_VECTOR_PRODUCTS,
 3 STRUCTURED_DERIVATIVES) it builds ``nt.empirical_ntk_fn(apply, trace_axes=(), vmap_axes=0,
 implementation=k)``, jit-compiles it ahead of time (``compile_s``), runs it once to warm up
-(``first_run_s``), then times ``--repeats`` calls with ``block_until_ready`` and prints ONE JSON line
-per implementation::
+(``first_run_s``), then times ``--repeats`` calls with ``block_until_ready`` and prints ONE JSON
+line per implementation::
 
     {"impl": "JACOBIAN_CONTRACTION", "compile_s": ..., "seconds_median": ..., "seconds_min": ...,
      "fro": ||K||_F, "shape": [N_o, N_u, V, V], ...}
@@ -29,6 +29,7 @@ first success), as float32.
 This script never imports ``ldjax/__init__.py`` (which needs flax): ``ldjax/zoo.py`` is loaded by
 path.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,19 +46,33 @@ IMPL_NAMES = {1: "JACOBIAN_CONTRACTION", 2: "NTK_VECTOR_PRODUCTS", 3: "STRUCTURE
 
 
 def _parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--npz", required=True, help="file from ldjax.zoo.save_npz with params, x_o, x_u")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--npz", required=True, help="file from ldjax.zoo.save_npz with params, x_o, x_u"
+    )
     p.add_argument("--model", required=True, choices=["mlp", "lenet", "transformer"])
     p.add_argument("--implementation", default="all", choices=["1", "2", "3", "all"])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--last-token", action="store_true",
-                   help="transformer only: apply returns logits[:, -1, :] so K is (N_o, N_u, V, V)")
+    p.add_argument(
+        "--last-token",
+        action="store_true",
+        help="transformer only: apply returns logits[:, -1, :] so K is (N_o, N_u, V, V)",
+    )
     p.add_argument("--save-k", metavar="OUT.npz", default=None)
-    p.add_argument("--timeout-s", type=float, default=None,
-                   help="wall-clock limit per implementation (compile + warm-up + repeats)")
-    p.add_argument("--n-heads", type=int, default=None,
-                   help="transformer heads; default: 'n_heads' stored in the npz, else 4")
+    p.add_argument(
+        "--timeout-s",
+        type=float,
+        default=None,
+        help="wall-clock limit per implementation (compile + warm-up + repeats)",
+    )
+    p.add_argument(
+        "--n-heads",
+        type=int,
+        default=None,
+        help="transformer heads; default: 'n_heads' stored in the npz, else 4",
+    )
     # internal: run one implementation in this process
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--k-out", default=None, help=argparse.SUPPRESS)
@@ -68,9 +83,13 @@ def _parser():
 # worker: one implementation, in-process
 # ------------------------------------------------------------------------------------------------
 
+
 def _load_zoo():
     import importlib.util
-    spec = importlib.util.spec_from_file_location("ldjax_zoo_peer", os.path.join(ROOT, "ldjax", "zoo.py"))
+
+    spec = importlib.util.spec_from_file_location(
+        "ldjax_zoo_peer", os.path.join(ROOT, "ldjax", "zoo.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -80,15 +99,14 @@ def _worker(args) -> dict:
     impl_id = args.worker
     out = {"impl": IMPL_NAMES[impl_id], "impl_id": impl_id, "model": args.model}
     try:
-        import numpy as np
         import jax
         import jax.numpy as jnp
         import neural_tangents as nt
+        import numpy as np
     except Exception as e:  # wrong venv
         out["error"] = f"import failed (use the peer venv): {type(e).__name__}: {e}"
         return out
-    out.update(jax_version=jax.__version__, nt_version=nt.__version__,
-               device=str(jax.devices()[0]))
+    out.update(jax_version=jax.__version__, nt_version=nt.__version__, device=str(jax.devices()[0]))
     zoo = _load_zoo()
     params, arrays = zoo.load_npz(args.npz)
     for field in ("x_o", "x_u"):
@@ -116,6 +134,7 @@ def _worker(args) -> dict:
 
         def apply(p, t):
             return zoo.transformer_apply(p, t, n_heads=n_heads)
+
     if args.last_token:
         if args.model != "transformer":
             raise ValueError("--last-token needs --model transformer")
@@ -124,12 +143,18 @@ def _worker(args) -> dict:
         def apply(p, t):
             return full_apply(p, t)[:, -1, :]
 
-    out.update(N_o=int(x_o.shape[0]), N_u=int(x_u.shape[0]), last_token=bool(args.last_token),
-               n_params=int(sum(np.size(a) for a in jax.tree_util.tree_leaves(params))),
-               repeats=args.repeats, dtype="float32")
+    out.update(
+        N_o=int(x_o.shape[0]),
+        N_u=int(x_u.shape[0]),
+        last_token=bool(args.last_token),
+        n_params=int(sum(np.size(a) for a in jax.tree_util.tree_leaves(params))),
+        repeats=args.repeats,
+        dtype="float32",
+    )
     try:
-        ntk_fn = nt.empirical_ntk_fn(apply, trace_axes=(), vmap_axes=0,
-                                     implementation=nt.NtkImplementation(impl_id))
+        ntk_fn = nt.empirical_ntk_fn(
+            apply, trace_axes=(), vmap_axes=0, implementation=nt.NtkImplementation(impl_id)
+        )
         t0 = time.perf_counter()
         compiled = jax.jit(ntk_fn).lower(x_o, x_u, params).compile()
         out["compile_s"] = time.perf_counter() - t0
@@ -150,11 +175,14 @@ def _worker(args) -> dict:
             msg = "OOM: " + msg
         out["error"] = msg[:2000]
         return out
-    out.update(seconds_median=float(np.median(times)) if times else None,
-               seconds_min=float(np.min(times)) if times else None,
-               seconds_all=[float(t) for t in times],
-               fro=float(np.linalg.norm(k_host.astype(np.float64).ravel())),
-               shape=list(k_host.shape), finite=bool(np.all(np.isfinite(k_host))))
+    out.update(
+        seconds_median=float(np.median(times)) if times else None,
+        seconds_min=float(np.min(times)) if times else None,
+        seconds_all=[float(t) for t in times],
+        fro=float(np.linalg.norm(k_host.astype(np.float64).ravel())),
+        shape=list(k_host.shape),
+        finite=bool(np.all(np.isfinite(k_host))),
+    )
     if args.k_out:
         np.save(args.k_out, k_host)
     return out
@@ -164,9 +192,20 @@ def _worker(args) -> dict:
 # driver: one child process per implementation
 # ------------------------------------------------------------------------------------------------
 
+
 def _run_child(args, impl_id, k_out):
-    cmd = [sys.executable, os.path.abspath(__file__), "--npz", args.npz, "--model", args.model,
-           "--repeats", str(args.repeats), "--worker", str(impl_id)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--npz",
+        args.npz,
+        "--model",
+        args.model,
+        "--repeats",
+        str(args.repeats),
+        "--worker",
+        str(impl_id),
+    ]
     if args.last_token:
         cmd.append("--last-token")
     if args.n_heads is not None:
@@ -185,8 +224,11 @@ def _run_child(args, impl_id, k_out):
         except json.JSONDecodeError:
             pass
     tail = (proc.stderr or "").strip().splitlines()[-5:]
-    why = "killed (likely out of host memory)" if proc.returncode in (-9, 137) else \
-        f"exit code {proc.returncode}"
+    why = (
+        "killed (likely out of host memory)"
+        if proc.returncode in (-9, 137)
+        else f"exit code {proc.returncode}"
+    )
     return dict(base, error=f"child failed, {why}: " + " | ".join(tail)[-2000:])
 
 
@@ -196,8 +238,11 @@ def main(argv=None):
         try:
             res = _worker(args)
         except Exception as e:  # bad input file etc.
-            res = {"impl": IMPL_NAMES[args.worker], "impl_id": args.worker,
-                   "error": f"{type(e).__name__}: {e}"}
+            res = {
+                "impl": IMPL_NAMES[args.worker],
+                "impl_id": args.worker,
+                "error": f"{type(e).__name__}: {e}",
+            }
         print(json.dumps(res), flush=True)
         return 0
     if args.repeats < 1:
@@ -215,9 +260,11 @@ def main(argv=None):
             print(json.dumps(res), flush=True)
             if k_out and "error" not in res and os.path.exists(k_out):
                 import numpy as np
+
                 saved[f"K_{IMPL_NAMES[impl_id]}"] = np.load(k_out)
         if args.save_k and saved:
             import numpy as np
+
             saved["K"] = next(iter(saved.values()))
             with open(args.save_k, "wb") as f:
                 np.savez(f, **saved)

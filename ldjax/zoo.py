@@ -20,11 +20,13 @@ numpy only (keys ``'params/<a>/<b>/...'``), so the two venvs can exchange models
 This module deliberately does not import anything else from ``ldjax``: the peer venv loads it by
 path (``importlib.util.spec_from_file_location``) without touching ``ldjax/__init__.py``.
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,14 +34,19 @@ import numpy as np
 from jax import lax
 
 __all__ = [
-    "mlp_init", "mlp_apply",
-    "lenet_init", "lenet_apply",
-    "transformer_init", "transformer_apply",
-    "gelu_tanh", "layer_norm",
-    "save_npz", "load_npz",
+    "mlp_init",
+    "mlp_apply",
+    "lenet_init",
+    "lenet_apply",
+    "transformer_init",
+    "transformer_apply",
+    "gelu_tanh",
+    "layer_norm",
+    "save_npz",
+    "load_npz",
 ]
 
-Params = Dict[str, Any]
+Params = dict[str, Any]
 
 _PARAMS_PREFIX = "params/"
 
@@ -48,6 +55,7 @@ _PARAMS_PREFIX = "params/"
 # Building blocks
 # ----------------------------------------------------------------------------------------------
 
+
 def _lecun_normal(key, shape, fan_in, dtype):
     """``N(0, 1/fan_in)`` samples of ``shape`` (LeCun normal, untruncated)."""
     return jax.random.normal(key, shape, dtype) / math.sqrt(fan_in)
@@ -55,8 +63,10 @@ def _lecun_normal(key, shape, fan_in, dtype):
 
 def _dense_init(key, d_in, d_out, dtype):
     """``{'kernel': (d_in, d_out), 'bias': (d_out,)}``; LeCun-normal kernel, zero bias."""
-    return {"kernel": _lecun_normal(key, (d_in, d_out), d_in, dtype),
-            "bias": jnp.zeros((d_out,), dtype)}
+    return {
+        "kernel": _lecun_normal(key, (d_in, d_out), d_in, dtype),
+        "bias": jnp.zeros((d_out,), dtype),
+    }
 
 
 def _dense(p, x):
@@ -69,7 +79,8 @@ def _ln_init(d, dtype):
 
 
 def layer_norm(p, x, eps=1e-5):
-    """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * scale + bias``, ``x (..., d)``."""
+    """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * scale + bias``,
+    ``x (..., d)``."""
     mean = jnp.mean(x, axis=-1, keepdims=True)
     xc = x - mean
     var = jnp.mean(xc * xc, axis=-1, keepdims=True)
@@ -98,6 +109,7 @@ def _check_ndim(name, x, ndim, what):
 # MLP
 # ----------------------------------------------------------------------------------------------
 
+
 def mlp_init(key, sizes: Sequence[int] = (784, 512, 512, 10), dtype=jnp.float32) -> Params:
     """MLP params ``{'dense_k': {'kernel': (sizes[k], sizes[k+1]), 'bias': (sizes[k+1],)}}``.
 
@@ -107,8 +119,10 @@ def mlp_init(key, sizes: Sequence[int] = (784, 512, 512, 10), dtype=jnp.float32)
     if len(sizes) < 2 or any(s <= 0 for s in sizes):
         raise ValueError(f"mlp_init: sizes must hold >= 2 positive ints, got {sizes}")
     keys = jax.random.split(key, len(sizes) - 1)
-    return {f"dense_{k}": _dense_init(keys[k], sizes[k], sizes[k + 1], dtype)
-            for k in range(len(sizes) - 1)}
+    return {
+        f"dense_{k}": _dense_init(keys[k], sizes[k], sizes[k + 1], dtype)
+        for k in range(len(sizes) - 1)
+    }
 
 
 def mlp_apply(params: Params, x) -> jnp.ndarray:
@@ -148,10 +162,14 @@ def lenet_init(key, dtype=jnp.float32) -> Params:
     """
     k = jax.random.split(key, 5)
     return {
-        "conv_0": {"kernel": _lecun_normal(k[0], (5, 5, 1, 6), 5 * 5 * 1, dtype),
-                   "bias": jnp.zeros((6,), dtype)},
-        "conv_1": {"kernel": _lecun_normal(k[1], (5, 5, 6, 16), 5 * 5 * 6, dtype),
-                   "bias": jnp.zeros((16,), dtype)},
+        "conv_0": {
+            "kernel": _lecun_normal(k[0], (5, 5, 1, 6), 5 * 5 * 1, dtype),
+            "bias": jnp.zeros((6,), dtype),
+        },
+        "conv_1": {
+            "kernel": _lecun_normal(k[1], (5, 5, 6, 16), 5 * 5 * 6, dtype),
+            "bias": jnp.zeros((16,), dtype),
+        },
         "dense_0": _dense_init(k[2], 400, 60, dtype),
         "dense_1": _dense_init(k[3], 60, 42, dtype),
         "dense_2": _dense_init(k[4], 42, 10, dtype),
@@ -159,8 +177,9 @@ def lenet_init(key, dtype=jnp.float32) -> Params:
 
 
 def _conv(p, x, padding):
-    y = lax.conv_general_dilated(x, p["kernel"], window_strides=(1, 1), padding=padding,
-                                 dimension_numbers=_LENET_DN)
+    y = lax.conv_general_dilated(
+        x, p["kernel"], window_strides=(1, 1), padding=padding, dimension_numbers=_LENET_DN
+    )
     return y + p["bias"]
 
 
@@ -197,9 +216,17 @@ def lenet_apply(params: Params, x) -> jnp.ndarray:
 # Decoder-only transformer
 # ----------------------------------------------------------------------------------------------
 
-def transformer_init(key, vocab: int = 256, d_model: int = 128, n_heads: int = 4,
-                     n_layers: int = 2, max_len: int = 64, d_ff: int | None = None,
-                     dtype=jnp.float32) -> Params:
+
+def transformer_init(
+    key,
+    vocab: int = 256,
+    d_model: int = 128,
+    n_heads: int = 4,
+    n_layers: int = 2,
+    max_len: int = 64,
+    d_ff: int | None = None,
+    dtype=jnp.float32,
+) -> Params:
     """Decoder-only pre-LN transformer params.
 
     Layout::
@@ -227,13 +254,17 @@ def transformer_init(key, vocab: int = 256, d_model: int = 128, n_heads: int = 4
         kq, kk, kv, ko, k1, k2 = jax.random.split(keys[3 + layer], 6)
         params[f"block_{layer}"] = {
             "ln_1": _ln_init(d_model, dtype),
-            "attn": {"query": _dense_init(kq, d_model, d_model, dtype),
-                     "key": _dense_init(kk, d_model, d_model, dtype),
-                     "value": _dense_init(kv, d_model, d_model, dtype),
-                     "out": _dense_init(ko, d_model, d_model, dtype)},
+            "attn": {
+                "query": _dense_init(kq, d_model, d_model, dtype),
+                "key": _dense_init(kk, d_model, d_model, dtype),
+                "value": _dense_init(kv, d_model, d_model, dtype),
+                "out": _dense_init(ko, d_model, d_model, dtype),
+            },
             "ln_2": _ln_init(d_model, dtype),
-            "mlp": {"fc_1": _dense_init(k1, d_model, d_ff, dtype),
-                    "fc_2": _dense_init(k2, d_ff, d_model, dtype)},
+            "mlp": {
+                "fc_1": _dense_init(k1, d_model, d_ff, dtype),
+                "fc_2": _dense_init(k2, d_ff, d_model, dtype),
+            },
         }
     params["ln_f"] = _ln_init(d_model, dtype)
     params["unembed"] = _dense_init(keys[2], d_model, vocab, dtype)
@@ -293,16 +324,22 @@ def transformer_apply(params: Params, tokens, n_heads: int = 4) -> jnp.ndarray:
 # npz exchange (numpy only)
 # ----------------------------------------------------------------------------------------------
 
+
 def _flatten(tree: Mapping, prefix: str, out: dict) -> None:
     if not isinstance(tree, Mapping):
-        raise ValueError(f"save_npz: params must be nested dicts of arrays; found "
-                         f"{type(tree).__name__} at '{prefix.rstrip('/')}'")
+        raise ValueError(
+            f"save_npz: params must be nested dicts of arrays; found "
+            f"{type(tree).__name__} at '{prefix.rstrip('/')}'"
+        )
     if not tree:
-        raise ValueError(f"save_npz: empty dict at '{prefix.rstrip('/') or 'params'}' cannot be stored")
+        raise ValueError(
+            f"save_npz: empty dict at '{prefix.rstrip('/') or 'params'}' cannot be stored"
+        )
     for k, v in tree.items():
         if not isinstance(k, str) or not k or "/" in k:
-            raise ValueError(f"save_npz: params key {k!r} under '{prefix}' must be a non-empty str "
-                             f"without '/'")
+            raise ValueError(
+                f"save_npz: params key {k!r} under '{prefix}' must be a non-empty str without '/'"
+            )
         if isinstance(v, Mapping):
             _flatten(v, prefix + k + "/", out)
         else:
@@ -333,7 +370,7 @@ def save_npz(path, params: Params, **arrays) -> None:
         np.savez(f, **flat)
 
 
-def load_npz(path) -> Tuple[Params, Dict[str, np.ndarray]]:
+def load_npz(path) -> tuple[Params, dict[str, np.ndarray]]:
     """Read a file written by :func:`save_npz`.
 
     Returns:
@@ -344,12 +381,12 @@ def load_npz(path) -> Tuple[Params, Dict[str, np.ndarray]]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"load_npz: no such file: {path}")
     params: Params = {}
-    arrays: Dict[str, np.ndarray] = {}
+    arrays: dict[str, np.ndarray] = {}
     with np.load(path, allow_pickle=False) as z:
         for name in z.files:
             a = z[name]
             if name.startswith(_PARAMS_PREFIX):
-                parts = name[len(_PARAMS_PREFIX):].split("/")
+                parts = name[len(_PARAMS_PREFIX) :].split("/")
                 node = params
                 for p in parts[:-1]:
                     node = node.setdefault(p, {})
@@ -361,5 +398,7 @@ def load_npz(path) -> Tuple[Params, Dict[str, np.ndarray]]:
             else:
                 arrays[name] = a
     if not params:
-        raise ValueError(f"load_npz: {path} holds no 'params/...' entries (fields: {sorted(arrays)})")
+        raise ValueError(
+            f"load_npz: {path} holds no 'params/...' entries (fields: {sorted(arrays)})"
+        )
     return params, arrays

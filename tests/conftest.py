@@ -7,7 +7,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from ldjax import zoo
 
@@ -15,38 +14,42 @@ SHARED_DATA = os.environ.get("LDJAX_DATA")
 
 
 def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-300))
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-300))
 
 
 def jacrev_entk(apply_fn, params, x_o, x_u):
-  """The definition: K = Σ_θ J_o J_uᵀ from full ``jax.jacrev`` Jacobians.
+    """The definition: K = Σ_θ J_o J_uᵀ from full ``jax.jacrev`` Jacobians.
 
-  ``(N_o, N_u, V, V)`` for ``(N, V)`` logits, ``(N_o, N_u, T, T, V, V)`` for ``(N, T, V)``.
-  """
-  jo = jax.jacrev(lambda p: apply_fn(p, x_o))(params)
-  ju = jax.jacrev(lambda p: apply_fn(p, x_u))(params)
-  out_o = jax.eval_shape(apply_fn, params, x_o).shape
-  k = len(out_o)
-  total = 0.0
-  for a, b in zip(jax.tree_util.tree_leaves(jo), jax.tree_util.tree_leaves(ju)):
-    a = a.reshape(a.shape[:k] + (-1,))
-    b = b.reshape(b.shape[:k] + (-1,))
-    spec = "oip,ujp->ouij" if k == 2 else "omip,uljp->oumlij"
-    total = total + jnp.einsum(spec, a, b)
-  return total
+    ``(N_o, N_u, V, V)`` for ``(N, V)`` logits, ``(N_o, N_u, T, T, V, V)`` for ``(N, T, V)``.
+    """
+    jo = jax.jacrev(lambda p: apply_fn(p, x_o))(params)
+    ju = jax.jacrev(lambda p: apply_fn(p, x_u))(params)
+    out_o = jax.eval_shape(apply_fn, params, x_o).shape
+    k = len(out_o)
+    total = 0.0
+    for a, b in zip(jax.tree_util.tree_leaves(jo), jax.tree_util.tree_leaves(ju)):
+        a = a.reshape(a.shape[:k] + (-1,))
+        b = b.reshape(b.shape[:k] + (-1,))
+        spec = "oip,ujp->ouij" if k == 2 else "omip,uljp->oumlij"
+        total = total + jnp.einsum(spec, a, b)
+    return total
 
 
 @contextlib.contextmanager
 def precision(dtype):
-  """float64 switched on only inside the block."""
-  with jax.enable_x64(dtype == "float64"):
-    yield
+    """float64 switched on only inside the block."""
+    with jax.enable_x64(dtype == "float64"):
+        yield
 
 
 def cast(tree, dtype):
-  return jax.tree_util.tree_map(
-      lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, tree)
+    return jax.tree_util.tree_map(
+        lambda a: (
+            jnp.asarray(a, dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a
+        ),
+        tree,
+    )
 
 
 # one apply function per model for the whole session, so jit caches hit across tests
@@ -54,41 +57,54 @@ TRANSFORMER_APPLY = functools.partial(zoo.transformer_apply, n_heads=2)
 
 
 def numpy_init(init_fn, dtype, seed=0, **kw):
-  """Parameters of a zoo ``init_fn`` drawn with numpy (no jax.random: its kernels compile slowly).
+    """Parameters of a zoo ``init_fn`` drawn with numpy (no jax.random: its kernels compile slowly).
 
-  Kernels ~ N(0, 1/fan_in), biases ~ 0.1·N(0, 1), LayerNorm scales ~ 1 + 0.1·N(0, 1).
-  """
-  shapes = jax.eval_shape(lambda k: init_fn(k, dtype=dtype, **kw), jax.random.PRNGKey(0))
-  rng = np.random.default_rng(seed)
+    Kernels ~ N(0, 1/fan_in), biases ~ 0.1·N(0, 1), LayerNorm scales ~ 1 + 0.1·N(0, 1).
+    """
+    shapes = jax.eval_shape(lambda k: init_fn(k, dtype=dtype, **kw), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(seed)
 
-  def draw(path, s):
-    name = jax.tree_util.keystr(path)
-    if "scale" in name:
-      a = 1 + 0.1 * rng.normal(size=s.shape)
-    elif "bias" in name:
-      a = 0.1 * rng.normal(size=s.shape)
-    else:
-      fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
-      a = rng.normal(size=s.shape) / np.sqrt(max(fan_in, 1))
-    return jnp.asarray(a, dtype)
+    def draw(path, s):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            a = 1 + 0.1 * rng.normal(size=s.shape)
+        elif "bias" in name:
+            a = 0.1 * rng.normal(size=s.shape)
+        else:
+            fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+            a = rng.normal(size=s.shape) / np.sqrt(max(fan_in, 1))
+        return jnp.asarray(a, dtype)
 
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def small_model(name, dtype, key=0):
-  """``(apply_fn, params, x_o, x_u)`` for "mlp", "lenet" or "transformer" (tiny sizes)."""
-  rng = np.random.default_rng(1000 + key)
-  if name == "mlp":
-    p = numpy_init(zoo.mlp_init, dtype, key, sizes=(12, 16, 16, 5))
-    return (zoo.mlp_apply, p, jnp.asarray(rng.normal(size=(3, 12)), dtype),
-            jnp.asarray(rng.normal(size=(2, 12)), dtype))
-  if name == "lenet":
-    p = numpy_init(zoo.lenet_init, dtype, key)
-    return (zoo.lenet_apply, p, jnp.asarray(rng.uniform(size=(2, 28, 28, 1)), dtype),
-            jnp.asarray(rng.uniform(size=(2, 28, 28, 1)), dtype))
-  if name == "transformer":
-    p = numpy_init(zoo.transformer_init, dtype, key, vocab=13, d_model=8, n_heads=2, n_layers=1,
-                   max_len=7)
-    return (TRANSFORMER_APPLY, p, jnp.asarray(rng.integers(0, 13, (2, 7)), jnp.int32),
-            jnp.asarray(rng.integers(0, 13, (2, 7)), jnp.int32))
-  raise ValueError(name)
+    """``(apply_fn, params, x_o, x_u)`` for "mlp", "lenet" or "transformer" (tiny sizes)."""
+    rng = np.random.default_rng(1000 + key)
+    if name == "mlp":
+        p = numpy_init(zoo.mlp_init, dtype, key, sizes=(12, 16, 16, 5))
+        return (
+            zoo.mlp_apply,
+            p,
+            jnp.asarray(rng.normal(size=(3, 12)), dtype),
+            jnp.asarray(rng.normal(size=(2, 12)), dtype),
+        )
+    if name == "lenet":
+        p = numpy_init(zoo.lenet_init, dtype, key)
+        return (
+            zoo.lenet_apply,
+            p,
+            jnp.asarray(rng.uniform(size=(2, 28, 28, 1)), dtype),
+            jnp.asarray(rng.uniform(size=(2, 28, 28, 1)), dtype),
+        )
+    if name == "transformer":
+        p = numpy_init(
+            zoo.transformer_init, dtype, key, vocab=13, d_model=8, n_heads=2, n_layers=1, max_len=7
+        )
+        return (
+            TRANSFORMER_APPLY,
+            p,
+            jnp.asarray(rng.integers(0, 13, (2, 7)), jnp.int32),
+            jnp.asarray(rng.integers(0, 13, (2, 7)), jnp.int32),
+        )
+    raise ValueError(name)

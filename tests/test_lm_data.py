@@ -19,7 +19,13 @@ from ldjax.data.preferences import (
     load_jsonl,
 )
 from ldjax.data.probes import PROBE_TYPES, build_probes, probe_types, split_held_out
-from ldjax.data.synthetic import MAX_CHARS, MIN_CHARS, TOPICS, generate_preferences, generate_probe_set
+from ldjax.data.synthetic import (
+    MAX_CHARS,
+    MIN_CHARS,
+    TOPICS,
+    generate_preferences,
+    generate_probe_set,
+)
 from ldjax.lm.tokenizer import BPETokenizer, ByteTokenizer, get_tokenizer
 
 BYTE = ByteTokenizer()
@@ -75,7 +81,11 @@ def test_bpe_merges_save_load(bpe):
     assert isinstance(loaded, BPETokenizer)
     assert loaded.encode(text) == tok.encode(text)
     assert (loaded.bos_id, loaded.eos_id, loaded.pad_id, loaded.vocab_size) == (
-        tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size)
+        tok.bos_id,
+        tok.eos_id,
+        tok.pad_id,
+        tok.vocab_size,
+    )
     assert isinstance(get_tokenizer("byte"), ByteTokenizer)
     with pytest.raises(FileNotFoundError):
         get_tokenizer("/no/such/tokenizer.json")
@@ -219,8 +229,15 @@ def test_shared_probe_file(shared_probes):
 
 
 def _recs(n):
-    return [{"prompt": f"\n\nHuman: q{i}?\n\nAssistant:", "chosen": f" answer number {i} is here ok",
-             "rejected": f" bad {i}", "extra": i} for i in range(n)]
+    return [
+        {
+            "prompt": f"\n\nHuman: q{i}?\n\nAssistant:",
+            "chosen": f" answer number {i} is here ok",
+            "rejected": f" bad {i}",
+            "extra": i,
+        }
+        for i in range(n)
+    ]
 
 
 def test_build_probes_deterministic_and_well_formed():
@@ -238,8 +255,14 @@ def test_build_probes_deterministic_and_well_formed():
         assert r["irr_train"] in train_chosen and r["irr_train"] != r["chosen"]
         assert r["irr_test"] in test_chosen
         assert sorted(r["random_nonhum"].split()) == sorted(r["irr_test"].split())
-        assert probe_types(r) == ["chosen", "rejected", "irr_train", "irr_test",
-                                  "random_permute", "random_nonhum"]
+        assert probe_types(r) == [
+            "chosen",
+            "rejected",
+            "irr_train",
+            "irr_test",
+            "random_permute",
+            "random_nonhum",
+        ]
     # the shuffles really shuffle (7 words: P(identity) = 1/5040 per record)
     assert sum(r["random_permute"] != r["chosen"].strip() for r in a) >= 25
 
@@ -272,8 +295,16 @@ def test_synthetic_generator():
         for f in ("chosen", "rejected", "chosen_gptsemantic", "reject_gptsemantic", "irr_hum"):
             assert MIN_CHARS <= len(r[f]) <= MAX_CHARS, (f, r[f])
         assert r["chosen_gptsemantic"] != r["chosen"] and r["chosen_gptformat"] != r["chosen"]
-        assert probe_types(r) == ["chosen", "chosen_initial", "chosen_gptsemantic", "chosen_gptformat",
-                                  "rejected", "reject_gptsemantic", "reject_gptformat", "irr_hum"]
+        assert probe_types(r) == [
+            "chosen",
+            "chosen_initial",
+            "chosen_gptsemantic",
+            "chosen_gptformat",
+            "rejected",
+            "reject_gptsemantic",
+            "reject_gptformat",
+            "irr_hum",
+        ]
     # arithmetic: chosen states the right result, rejected (style 'wrong') another number
     for r in recs:
         if r["topic"] == "arithmetic" and r["reject_style"] == "wrong":

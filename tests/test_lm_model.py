@@ -37,14 +37,18 @@ def test_shapes_and_dense_structure(params2):
     assert params2["tok_embed"]["embedding"].shape == (259, 16)
     assert params2["pos_embed"]["embedding"].shape == (32, 16)
     # same tree as flax's own init, declared distributions (one pooled draw, see init_params)
-    ref = jax.eval_shape(lambda k: TransformerLM(CFG).init(k, jnp.zeros((1, 4), jnp.int32))["params"],
-                         jax.random.PRNGKey(0))
+    ref = jax.eval_shape(
+        lambda k: TransformerLM(CFG).init(k, jnp.zeros((1, 4), jnp.int32))["params"],
+        jax.random.PRNGKey(0),
+    )
     assert jax.tree_util.tree_structure(ref) == jax.tree_util.tree_structure(params2)
     assert float(jnp.abs(params2["block_1"]["mlp"]["fc_in"]["bias"]).max()) == 0.0
     assert float(jnp.abs(params2["ln_f"]["scale"] - 1).max()) == 0.0
     emb = np.asarray(params2["tok_embed"]["embedding"])
     assert abs(emb.std() - CFG.init_std) < 0.1 * CFG.init_std  # 4144 draws: std error ~1%
-    assert np.asarray(params2["block_0"]["attn"]["out"]["kernel"]).std() < 0.7 * CFG.init_std  # / sqrt(4)
+    assert (
+        np.asarray(params2["block_0"]["attn"]["out"]["kernel"]).std() < 0.7 * CFG.init_std
+    )  # / sqrt(4)
     block = 4 * (16 * 16 + 16) + 2 * 2 * 16 + (16 * 32 + 32) + (32 * 16 + 16)
     assert count_params(params2) == 259 * 16 + 32 * 16 + 2 * block + 2 * 16 + 16 * 259 + 259
 
@@ -81,9 +85,11 @@ def test_left_padding_with_positions_matches_unpadded(params2):
     right = np.full((3, 32), 258, np.int32)
     for i, p in enumerate(prompts):
         right[i, : len(p)] = p
-    ref = np.asarray(apply_fn(params2, right, np.broadcast_to(np.arange(32, dtype=np.int32), (3, 32))))
+    ref = np.asarray(
+        apply_fn(params2, right, np.broadcast_to(np.arange(32, dtype=np.int32), (3, 32)))
+    )
     for i, p in enumerate(prompts):
-        np.testing.assert_allclose(left[i, 32 - len(p):], ref[i, : len(p)], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(left[i, 32 - len(p) :], ref[i, : len(p)], atol=1e-5, rtol=1e-5)
     # a padded key really is masked: changing a padding token changes nothing
     tok2 = tok.copy()
     tok2[0, :5] = 7
@@ -121,19 +127,29 @@ def test_array_prompts_with_lengths(params2, prompts):
     left = np.full((len(prompts), width), 258, np.int32)
     for i, p in enumerate(prompts):
         right[i, : len(p)] = p
-        left[i, width - len(p):] = p
+        left[i, width - len(p) :] = p
     lengths = [len(p) for p in prompts]
     assert generate(params2, CFG, right, NEW, lengths=lengths, eos_id=None) == ref
-    assert generate(params2, CFG, left, NEW, lengths=lengths, padding_side="left", eos_id=None) == ref
+    assert (
+        generate(params2, CFG, left, NEW, lengths=lengths, padding_side="left", eos_id=None) == ref
+    )
 
 
 def test_sampling(params2, prompts):
     greedy = generate(params2, CFG, prompts, NEW, eos_id=None)
-    k1 = generate(params2, CFG, prompts, NEW, temperature=1.0, top_k=1, key=jax.random.PRNGKey(3), eos_id=None)
+    k1 = generate(
+        params2, CFG, prompts, NEW, temperature=1.0, top_k=1, key=jax.random.PRNGKey(3), eos_id=None
+    )
     assert k1 == greedy  # top-1 sampling is greedy
-    a = generate(params2, CFG, prompts, NEW, temperature=5.0, key=jax.random.PRNGKey(4), eos_id=None)
-    b = generate(params2, CFG, prompts, NEW, temperature=5.0, key=jax.random.PRNGKey(4), eos_id=None)
-    c = generate(params2, CFG, prompts, NEW, temperature=5.0, key=jax.random.PRNGKey(5), eos_id=None)
+    a = generate(
+        params2, CFG, prompts, NEW, temperature=5.0, key=jax.random.PRNGKey(4), eos_id=None
+    )
+    b = generate(
+        params2, CFG, prompts, NEW, temperature=5.0, key=jax.random.PRNGKey(4), eos_id=None
+    )
+    c = generate(
+        params2, CFG, prompts, NEW, temperature=5.0, key=jax.random.PRNGKey(5), eos_id=None
+    )
     assert a == b and a != c
     with pytest.raises(ValueError, match="key"):
         generate(params2, CFG, prompts, NEW, temperature=1.0)

@@ -21,7 +21,18 @@ from ldjax.data.mnist import (
 )
 
 # /work/shared/data/README.md: train+test combined class counts.
-README_COUNTS = {0: 1001, 1: 1127, 2: 991, 3: 1032, 4: 980, 5: 863, 6: 1014, 7: 1070, 8: 944, 9: 978}
+README_COUNTS = {
+    0: 1001,
+    1: 1127,
+    2: 991,
+    3: 1032,
+    4: 980,
+    5: 863,
+    6: 1014,
+    7: 1070,
+    8: 944,
+    9: 978,
+}
 FILES = [
     "train-images-idx3-ubyte.gz",
     "train-labels-idx1-ubyte.gz",
@@ -104,7 +115,10 @@ def test_truncated_gzip_names_file(shared_dir, tmp_path):
 def test_truncated_payload_message(shared_dir, tmp_path):
     raw = gzip.decompress((shared_dir / FILES[0]).read_bytes())
     d = _corrupt_copy(shared_dir, tmp_path, FILES[0], gzip.compress(raw[: 16 + 1000]))
-    msg = "train-images-idx3-ubyte.gz: expected 6272000 bytes of pixels for shape (8000, 28, 28), found 1000"
+    msg = (
+        "train-images-idx3-ubyte.gz: expected 6272000 bytes of pixels for shape (8000, 28, 28), "
+        "found 1000"
+    )
     with pytest.raises(ValueError, match=re.escape(msg)):
         load_mnist(d, "train")
 
@@ -113,11 +127,15 @@ def test_wrong_magic_names_file(shared_dir, tmp_path):
     raw = bytearray(gzip.decompress((shared_dir / FILES[2]).read_bytes()))
     raw[3] = 1  # 2051 -> 2049: a labels header on the images file
     d = _corrupt_copy(shared_dir, tmp_path, FILES[2], gzip.compress(bytes(raw)))
-    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte\.gz: magic number 2049, expected 2051"):
+    with pytest.raises(
+        ValueError, match=r"t10k-images-idx3-ubyte\.gz: magic number 2049, expected 2051"
+    ):
         load_mnist(d, "test")
     raw[:4] = b"\x12\x34\x56\x78"
     (d / FILES[2]).write_bytes(gzip.compress(bytes(raw)))
-    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte\.gz: bad IDX magic number 305419896"):
+    with pytest.raises(
+        ValueError, match=r"t10k-images-idx3-ubyte\.gz: bad IDX magic number 305419896"
+    ):
         load_mnist(d, "test")
 
 
@@ -133,10 +151,16 @@ def test_bad_header_size_names_file(shared_dir, tmp_path):
 def test_count_mismatch_and_not_gzip(tmp_path):
     x = np.zeros((3, 28, 28), np.uint8)
     write_split(tmp_path, x, np.zeros(2, np.uint8))
-    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz has 3 images but .*train-labels-idx1-ubyte\.gz has 2 labels"):
+    with pytest.raises(
+        ValueError,
+        match=r"train-images-idx3-ubyte\.gz has 3 images but "
+        r".*train-labels-idx1-ubyte\.gz has 2 labels",
+    ):
         load_mnist(tmp_path, "train")
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(idx_bytes(np.zeros(3, np.uint8)))
-    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte\.gz: name ends in \.gz but the file is not gzip"):
+    with pytest.raises(
+        ValueError, match=r"train-labels-idx1-ubyte\.gz: name ends in \.gz but the file is not gzip"
+    ):
         load_mnist(tmp_path, "train")
     with pytest.raises(FileNotFoundError, match="nope"):
         read_idx(tmp_path / "nope")
@@ -172,7 +196,12 @@ def test_resolution_order(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as e:
         load_mnist()
     msg = str(e.value)
-    for needle in (str(tmp_path / "empty" / "mnist"), str(tmp_path / "nocache"), "download_mnist", "load_default"):
+    for needle in (
+        str(tmp_path / "empty" / "mnist"),
+        str(tmp_path / "nocache"),
+        "download_mnist",
+        "load_default",
+    ):
         assert needle in msg
     with pytest.raises(FileNotFoundError, match="data_dir argument"):
         load_mnist(tmp_path / "empty")

@@ -35,7 +35,12 @@ def test_lenet_parameter_count_is_papers():
     p = _shapes(make_model("lenet"))
     # conv1 5*5*1*6+6, conv2 5*5*6*16+16, fc 400*60+60, 60*42+42, 42*10+10
     assert (5 * 5 * 1 * 6 + 6, 5 * 5 * 6 * 16 + 16, 400 * 60 + 60, 60 * 42 + 42, 42 * 10 + 10) == (
-        156, 2416, 24060, 2562, 430)
+        156,
+        2416,
+        24060,
+        2562,
+        430,
+    )
     assert param_count(p) == 156 + 2416 + 24060 + 2562 + 430 == 29624
     assert p["fc1"]["kernel"].shape == (400, 60)  # 16 * 5 * 5 after two pools
     assert p["conv1"]["kernel"].shape == (5, 5, 1, 6)
@@ -57,7 +62,10 @@ def test_torch_default_init():
     assert abs(w.mean()) < 0.01 / math.sqrt(400)
     assert 0.0 < np.abs(np.asarray(p["fc1"]["bias"])).min()  # biases are not zero
     q = init_params(make_model("lenet"), jax.random.PRNGKey(1))
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q)))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q))
+    )
     # flax scheme on a tiny MLP: zero biases
     tiny = make_model("mlp", hidden=(3,))
     pf = init_params(tiny, jax.random.PRNGKey(0), (2, 2, 1), scheme="flax")
@@ -85,8 +93,10 @@ def test_optimizer_is_torch_sgd_with_cosine():
     T = 4
     tx = make_optimizer(cfg, steps_per_epoch=T)
     theta = {"w": jnp.array([1.0, -2.0]), "b": jnp.array([0.5])}
-    grads = [{"w": jnp.array([0.3, 0.1]), "b": jnp.array([-1.0])},
-             {"w": jnp.array([-0.2, 0.4]), "b": jnp.array([2.0])}]
+    grads = [
+        {"w": jnp.array([0.3, 0.1]), "b": jnp.array([-1.0])},
+        {"w": jnp.array([-0.2, 0.4]), "b": jnp.array([2.0])},
+    ]
     state = tx.init(theta)
     update = jax.jit(tx.update)  # one compile instead of many eager ops
     ref = {k: np.asarray(v, np.float64) for k, v in theta.items()}
@@ -101,8 +111,17 @@ def test_optimizer_is_torch_sgd_with_cosine():
     for k in ref:
         np.testing.assert_allclose(np.asarray(theta[k]), ref[k], rtol=1e-6)
     d = TrainConfig()
-    assert (d.model, d.n_train, d.batch_size, d.epochs, d.lr, d.momentum, d.weight_decay,
-            d.schedule, d.seed) == ("lenet", 2000, 64, 100, 1e-3, 0.9, 5e-4, "cosine", 0)
+    assert (
+        d.model,
+        d.n_train,
+        d.batch_size,
+        d.epochs,
+        d.lr,
+        d.momentum,
+        d.weight_decay,
+        d.schedule,
+        d.seed,
+    ) == ("lenet", 2000, 64, 100, 1e-3, 0.9, 5e-4, "cosine", 0)
     assert steps_per_epoch(d, 2000) == 32  # last batch of 16 kept
 
 
@@ -152,7 +171,7 @@ def test_on_step_hook_and_shuffling(data, full_run):
     for e in range(2):
         order = epoch_order(data_key, e, N_TRAIN)
         assert sorted(order.tolist()) == list(range(N_TRAIN))  # each row once per epoch
-        seen = np.concatenate([s[2] for s in steps[e * spe:(e + 1) * spe]])
+        seen = np.concatenate([s[2] for s in steps[e * spe : (e + 1) * spe]])
         np.testing.assert_array_equal(seen, y[:N_TRAIN][order])
     assert not np.array_equal(epoch_order(data_key, 0, N_TRAIN), epoch_order(data_key, 1, N_TRAIN))
 
@@ -174,8 +193,15 @@ def test_resume_is_bit_identical(data, full_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["1"]
 
     seen = []
-    params, hist = train(CFG, x, y, ckpt_dir=tmp_path, resume=True, progress=False,
-                         on_epoch=lambda e, p: seen.append(e))
+    params, hist = train(
+        CFG,
+        x,
+        y,
+        ckpt_dir=tmp_path,
+        resume=True,
+        progress=False,
+        on_epoch=lambda e, p: seen.append(e),
+    )
     assert seen == [2]
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params_full)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -184,13 +210,20 @@ def test_resume_is_bit_identical(data, full_run, tmp_path):
     with pytest.raises(ValueError, match="resume=True"):
         train(CFG, x, y, ckpt_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="different config.*'lr'"):
-        train(TrainConfig(n_train=N_TRAIN, epochs=2, lr=0.5), x, y, ckpt_dir=tmp_path,
-              resume=True, progress=False)
+        train(
+            TrainConfig(n_train=N_TRAIN, epochs=2, lr=0.5),
+            x,
+            y,
+            ckpt_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
     # resuming a finished run trains nothing and returns the final state
     params2, hist2 = train(CFG, x, y, ckpt_dir=ckpt_full, resume=True, progress=False)
     assert hist2 == hist_full
-    np.testing.assert_array_equal(np.asarray(params2["fc3"]["kernel"]),
-                                  np.asarray(params_full["fc3"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(params2["fc3"]["kernel"]), np.asarray(params_full["fc3"]["kernel"])
+    )
 
 
 def test_bad_inputs(data):

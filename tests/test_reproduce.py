@@ -5,10 +5,19 @@ import json
 import numpy as np
 import pytest
 
-from ldjax.reproduce import claims as C
+from ldjax.experiments.reproduce import claims as C
 
-TYPES = ("chosen", "chosen_initial", "rejected", "irr_train", "irr_test", "irr_hum",
-         "random_permute", "random_nonhum", "greedy")
+TYPES = (
+    "chosen",
+    "chosen_initial",
+    "rejected",
+    "irr_train",
+    "irr_test",
+    "irr_hum",
+    "random_permute",
+    "random_nonhum",
+    "greedy",
+)
 
 
 def _curve(first, last, n=4):
@@ -23,17 +32,28 @@ def _run(changes: dict, firsts=None, argmax=(-60.0, -40.0), a_norm=(15.0, 16.0))
         out[s] = {}
         for t in TYPES:
             f = firsts.get(t, -100.0)
-            d = {"logp_sum": _curve(f, f + changes.get(t, 0.0)),
-                 "argmax_path": _curve(*argmax) if t == "chosen" else _curve(-50, -50),
-                 "A_norm": _curve(*a_norm) if t == "chosen" else _curve(15, 15)}
+            d = {
+                "logp_sum": _curve(f, f + changes.get(t, 0.0)),
+                "argmax_path": _curve(*argmax) if t == "chosen" else _curve(-50, -50),
+                "A_norm": _curve(*a_norm) if t == "chosen" else _curve(15, 15),
+            }
             out[s][t] = d
     return out
 
 
 def _good_curves():
     """Histories where every claim of the paper holds."""
-    sft_changes = {"chosen": 30, "chosen_initial": 20, "rejected": 10, "irr_train": 5, "irr_test": 3,
-                   "irr_hum": -2, "random_permute": -5, "random_nonhum": -20, "greedy": 10}
+    sft_changes = {
+        "chosen": 30,
+        "chosen_initial": 20,
+        "rejected": 10,
+        "irr_train": 5,
+        "irr_test": 3,
+        "irr_hum": -2,
+        "random_permute": -5,
+        "random_nonhum": -20,
+        "greedy": 10,
+    }
     dpo_changes = {t: -10.0 for t in TYPES}
     dpo_changes.update(chosen=-5, rejected=-40, greedy=8)
     return {
@@ -47,9 +67,14 @@ def _good_curves():
     }
 
 
-EXTRA = {"dpo.degeneration": 0.3, "dpo_extend.degeneration": 0.1,
-         **C.history_measurements("dpo", {"loss": list(np.linspace(0.69, 0.2, 10)),
-                                          "margin": list(np.linspace(0.0, 12.0, 10))})}
+EXTRA = {
+    "dpo.degeneration": 0.3,
+    "dpo_extend.degeneration": 0.1,
+    **C.history_measurements(
+        "dpo",
+        {"loss": list(np.linspace(0.69, 0.2, 10)), "margin": list(np.linspace(0.0, 12.0, 10))},
+    ),
+}
 
 
 def _status(rows):
@@ -68,21 +93,53 @@ def test_all_claims_pass_on_paper_like_histories():
     assert m["sft.train.chosen.logp_sum.change"] == pytest.approx(30.0)
 
 
-@pytest.mark.parametrize("claim,mutate", [
-    ("sft_chosen_rises", lambda c: c["sft"]["train"]["chosen"].update(logp_sum=_curve(-100, -101))),
-    ("sft_irr_train_rises", lambda c: c["sft"]["train"]["irr_train"].update(logp_sum=_curve(-100, -100.5))),
-    ("sft_random_permute_falls", lambda c: c["sft"]["train"]["random_permute"].update(logp_sum=_curve(-100, -99))),
-    # falls (-50 -> -55) but stays above every natural-language type (lowest: irr_hum at -102)
-    ("sft_random_nonhum_lowest", lambda c: c["sft"]["train"]["random_nonhum"].update(logp_sum=_curve(-50, -55))),
-    # rejected falls, but slower than chosen
-    ("dpo_rejected_falls_faster", lambda c: c["dpo"]["train"]["rejected"].update(logp_sum=_curve(-100, -103))),
-    # argmax path falls (extend's falls more, so "extend: y* rises more slowly" still holds)
-    ("dpo_argmax_path_rises", lambda c: (c["dpo"]["train"]["chosen"].update(argmax_path=_curve(-40, -41)),
-                                         c["dpo_extend"]["train"]["chosen"].update(argmax_path=_curve(-40, -45)))),
-    ("dpo_peakiness_rises", lambda c: c["dpo"]["train"]["chosen"].update(A_norm=_curve(16, 15.9))),
-    ("dpo_greedy_rises", lambda c: c["dpo"]["train"]["greedy"].update(logp_sum=_curve(-30, -31))),
-    ("extend_rejected_higher", lambda c: c["sft_extend"]["train"]["rejected"].update(logp_sum=_curve(-100, -95))),
-])
+@pytest.mark.parametrize(
+    "claim,mutate",
+    [
+        (
+            "sft_chosen_rises",
+            lambda c: c["sft"]["train"]["chosen"].update(logp_sum=_curve(-100, -101)),
+        ),
+        (
+            "sft_irr_train_rises",
+            lambda c: c["sft"]["train"]["irr_train"].update(logp_sum=_curve(-100, -100.5)),
+        ),
+        (
+            "sft_random_permute_falls",
+            lambda c: c["sft"]["train"]["random_permute"].update(logp_sum=_curve(-100, -99)),
+        ),
+        # falls (-50 -> -55) but stays above every natural-language type (lowest: irr_hum at -102)
+        (
+            "sft_random_nonhum_lowest",
+            lambda c: c["sft"]["train"]["random_nonhum"].update(logp_sum=_curve(-50, -55)),
+        ),
+        # rejected falls, but slower than chosen
+        (
+            "dpo_rejected_falls_faster",
+            lambda c: c["dpo"]["train"]["rejected"].update(logp_sum=_curve(-100, -103)),
+        ),
+        # argmax path falls (extend's falls more, so "extend: y* rises more slowly" still holds)
+        (
+            "dpo_argmax_path_rises",
+            lambda c: (
+                c["dpo"]["train"]["chosen"].update(argmax_path=_curve(-40, -41)),
+                c["dpo_extend"]["train"]["chosen"].update(argmax_path=_curve(-40, -45)),
+            ),
+        ),
+        (
+            "dpo_peakiness_rises",
+            lambda c: c["dpo"]["train"]["chosen"].update(A_norm=_curve(16, 15.9)),
+        ),
+        (
+            "dpo_greedy_rises",
+            lambda c: c["dpo"]["train"]["greedy"].update(logp_sum=_curve(-30, -31)),
+        ),
+        (
+            "extend_rejected_higher",
+            lambda c: c["sft_extend"]["train"]["rejected"].update(logp_sum=_curve(-100, -95)),
+        ),
+    ],
+)
 def test_single_claim_fails_when_its_numbers_contradict_it(claim, mutate):
     curves = _good_curves()
     mutate(curves)
@@ -92,9 +149,13 @@ def test_single_claim_fails_when_its_numbers_contradict_it(claim, mutate):
 
 
 def test_history_measurements_average_first_and_last_fifth():
-    m = C.history_measurements("dpo", {"loss": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "margin": [0.0] * 10})
+    m = C.history_measurements(
+        "dpo", {"loss": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "margin": [0.0] * 10}
+    )
     assert m["dpo.loss.first"] == pytest.approx(1.5) and m["dpo.loss.last"] == pytest.approx(9.5)
-    m = C.history_measurements("x", {"loss": [3.0, 1.0], "margin": [0.0, 2.0]})  # fifth < 1 step: one step
+    m = C.history_measurements(
+        "x", {"loss": [3.0, 1.0], "margin": [0.0, 2.0]}
+    )  # fifth < 1 step: one step
     assert (m["x.loss.first"], m["x.loss.last"], m["x.margin.last"]) == (3.0, 1.0, 2.0)
     with pytest.raises(ValueError, match="history of run 'dpo' has no 'margin'"):
         C.history_measurements("dpo", {"loss": [1.0]})
@@ -102,13 +163,20 @@ def test_history_measurements_average_first_and_last_fifth():
         C.history_measurements("dpo", {"loss": [], "margin": []})
 
 
-@pytest.mark.parametrize("loss,margin", [
-    ((0.69, 0.8), (0.0, 5.0)),    # the loss rose (an earlier run's 0.69 -> 0.8): FAIL
-    ((0.69, 0.3), (2.0, -1.0)),   # the margin shrank
-])
+@pytest.mark.parametrize(
+    "loss,margin",
+    [
+        ((0.69, 0.8), (0.0, 5.0)),  # the loss rose (an earlier run's 0.69 -> 0.8): FAIL
+        ((0.69, 0.3), (2.0, -1.0)),  # the margin shrank
+    ],
+)
 def test_dpo_learns_fails_when_loss_or_margin_go_the_wrong_way(loss, margin):
-    extra = dict(EXTRA, **C.history_measurements("dpo", {"loss": list(np.linspace(*loss, 10)),
-                                                        "margin": list(np.linspace(*margin, 10))}))
+    extra = dict(
+        EXTRA,
+        **C.history_measurements(
+            "dpo", {"loss": list(np.linspace(*loss, 10)), "margin": list(np.linspace(*margin, 10))}
+        ),
+    )
     st = _status(C.evaluate_claims([C.measure(_good_curves(), extra)]))
     assert st["dpo_learns"] == "FAIL" and sum(v == "FAIL" for v in st.values()) == 1, st
 
@@ -129,10 +197,23 @@ def test_comparisons_between_runs_can_fail():
     curves["dpo_onpolicy"] = _run({t: -30.0 for t in TYPES})
     curves["dpo_extend"] = _run({t: -30.0 for t in TYPES}, argmax=(-60, -10))
     curves["dpo_long"] = _run({t: -1.0 for t in TYPES})
-    st = _status(C.evaluate_claims([C.measure(curves, dict(EXTRA, **{"dpo.degeneration": 0.1,
-                                                                    "dpo_extend.degeneration": 0.4}))]))
-    for k in ("onpolicy_less_decay", "extend_others_decay_slower", "extend_ystar_rises_slower",
-              "longer_sft_more_squeeze", "extend_heldout_chosen", "extend_less_degenerate"):
+    st = _status(
+        C.evaluate_claims(
+            [
+                C.measure(
+                    curves, dict(EXTRA, **{"dpo.degeneration": 0.1, "dpo_extend.degeneration": 0.4})
+                )
+            ]
+        )
+    )
+    for k in (
+        "onpolicy_less_decay",
+        "extend_others_decay_slower",
+        "extend_ystar_rises_slower",
+        "longer_sft_more_squeeze",
+        "extend_heldout_chosen",
+        "extend_less_degenerate",
+    ):
         assert st[k] == "FAIL", (k, st)
 
 
@@ -174,30 +255,65 @@ def test_measure_rejects_bad_curves():
 
 TINY = {
     "model": {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32},
-    "data": {"max_len": 64, "max_prompt_len": 32, "n_records": 24, "n_heldout": 4, "n_track": 3,
-             "synthetic_n": 24},
+    "data": {
+        "max_len": 64,
+        "max_prompt_len": 32,
+        "n_records": 24,
+        "n_heldout": 4,
+        "n_track": 3,
+        "synthetic_n": 24,
+    },
     "pretrain": {"steps": 4, "batch_size": 4, "warmup": 1, "eval_every": 4, "ckpt_every": 4},
-    "sft": {"steps": 3, "epochs": 0.0, "batch_size": 4, "warmup": 1, "eval_every": 3, "ckpt_every": 3},
-    "preference": {"steps": 2, "epochs": 0.0, "batch_size": 4, "warmup": 1, "eval_every": 2,
-                   "ckpt_every": 2, "max_new_tokens": 8},
+    "sft": {
+        "steps": 3,
+        "epochs": 0.0,
+        "batch_size": 4,
+        "warmup": 1,
+        "eval_every": 3,
+        "ckpt_every": 3,
+    },
+    "preference": {
+        "steps": 2,
+        "epochs": 0.0,
+        "batch_size": 4,
+        "warmup": 1,
+        "eval_every": 2,
+        "ckpt_every": 2,
+        "max_new_tokens": 8,
+    },
     "track": {"eval_batch": 32, "decode_max_new_tokens": 8},
 }
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_run_writes_every_claim(tmp_path):
-    from ldjax.reproduce.cli import main
-
     from ldjax.data.synthetic import generate_preferences
+    from ldjax.experiments.reproduce.cli import main
 
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(TINY))
     # a plain prompt/chosen/rejected file (no probe fields): the probe types are built from it
     plain = tmp_path / "plain.jsonl"
-    plain.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
-                             for r in generate_preferences(120)))
+    plain.write_text(
+        "".join(
+            json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
+            for r in generate_preferences(120)
+        )
+    )
     out = tmp_path / "out"
-    rc = main(["lm", "--data", str(plain), "--quick", "--config", str(cfg), "--out", str(out),
-               "--no-cache"])
+    rc = main(
+        [
+            "lm",
+            "--data",
+            str(plain),
+            "--quick",
+            "--config",
+            str(cfg),
+            "--out",
+            str(out),
+            "--no-cache",
+        ]
+    )
     assert rc == 0
     doc = json.loads((out / "claims.json").read_text())
     assert [r["id"] for r in doc["claims"]] == [c.id for c in C.CLAIMS]
@@ -210,7 +326,9 @@ def test_tiny_end_to_end_run_writes_every_claim(tmp_path):
         assert f"{run}.test.chosen.logp_sum.last" in m
     for run in ("dpo", "dpo_extend", "dpo_onpolicy", "dpo_long"):
         # 2 DPO steps: the first and last fifth are steps 1 and 2 of the run's history
-        assert np.isfinite(m[f"{run}.loss.first"]) and m[f"{run}.loss.first"] == pytest.approx(np.log(2), abs=0.05)
+        assert np.isfinite(m[f"{run}.loss.first"]) and m[f"{run}.loss.first"] == pytest.approx(
+            np.log(2), abs=0.05
+        )
         assert np.isfinite(m[f"{run}.margin.last"])
     md = (out / "claims.md").read_text()
     assert md.count("| **PASS** |") + md.count("| **FAIL** |") == len(C.CLAIMS)
@@ -219,7 +337,7 @@ def test_tiny_end_to_end_run_writes_every_claim(tmp_path):
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
-    from ldjax.reproduce.cli import main
+    from ldjax.experiments.reproduce.cli import main
 
     assert main(["lm", "--data", str(tmp_path / "nope.jsonl"), "--quick"]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
@@ -259,5 +377,5 @@ def test_preference_n_pairs_uses_the_first_records():
     assert res.total_steps == 3 and len(res.history["loss"]) == 3
     pos, _ = T.pair_examples(ByteTokenizer(), records, max_len=48, max_prompt_len=16)
     got = sorted(map(tuple, res.last_batch["pos_tokens"].tolist()))
-    assert got == sorted(map(tuple, pos["tokens"][:4].tolist()))     # the first 4 pairs, nothing else
+    assert got == sorted(map(tuple, pos["tokens"][:4].tolist()))  # the first 4 pairs, nothing else
     assert got != sorted(map(tuple, pos["tokens"][4:8].tolist()))

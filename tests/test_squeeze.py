@@ -1,4 +1,5 @@
-"""Tests of the squeezing-effect toy (PAPER.md §4): closed forms, guarantees, paper claims, trends."""
+"""Tests of the squeezing-effect toy (arXiv 2407.10490, §3.3 and App. C): closed forms, guarantees,
+paper claims, trends."""
 
 import json
 import os
@@ -10,8 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ldjax.squeeze import cli, toy
-
+from ldjax.experiments.squeeze import cli, toy
 
 _jit_step = jax.jit(toy.negative_gradient_step)
 _jit_ratio = jax.jit(toy.ratio_formula)
@@ -36,7 +36,8 @@ def test_residual_from_autodiff_equals_closed_form():
                 G = np.asarray(_jit_residual(jnp.asarray(z), y))
                 e = np.eye(V)[y]
                 np.testing.assert_allclose(G, e - _softmax(z), atol=1e-14, rtol=0)
-                # the NG residual is minus the CE residual π − e_y (PAPER.md §1).
+                # the NG residual is minus the CE residual π − e_y (arXiv 2407.10490, §2,
+                # Proposition 1).
                 ce_grad = np.asarray(_jit_ce_grad(jnp.asarray(z), y))
                 np.testing.assert_allclose(G, -ce_grad, atol=1e-15, rtol=0)
                 assert G.dtype == np.float64
@@ -86,7 +87,9 @@ def test_multi_label_step_is_the_reference_update():
     rng = np.random.default_rng(4)
     W, x, S = rng.standard_normal((4, 50)), rng.standard_normal(4), list(range(5, 13))
     with jax.enable_x64(True):
-        W_new = np.asarray(jax.jit(lambda w, v: toy.multi_label_step(w, v, S, 1.0))(jnp.asarray(W), jnp.asarray(x)))
+        W_new = np.asarray(
+            jax.jit(lambda w, v: toy.multi_label_step(w, v, S, 1.0))(jnp.asarray(W), jnp.asarray(x))
+        )
     yS = np.zeros(50)
     yS[S] = 1
     np.testing.assert_allclose(W_new, W - np.outer(x, _softmax(W.T @ x) - yS), atol=1e-13, rtol=0)
@@ -99,7 +102,9 @@ _VP = 32  # padded class count: one compilation for every hypothesis example
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    logits=st.lists(st.floats(-8, 8, allow_nan=False, allow_infinity=False), min_size=2, max_size=_VP),
+    logits=st.lists(
+        st.floats(-8, 8, allow_nan=False, allow_infinity=False), min_size=2, max_size=_VP
+    ),
     y_frac=st.floats(0, 1, exclude_max=True),
     lr=st.floats(0.01, 5.0),
 )
@@ -111,7 +116,9 @@ def test_property_guarantees_and_ratio(logits, y_frac, lr):
     z[:V] = logits
     mask = np.arange(_VP) < V
     with jax.enable_x64(True):
-        W_new = np.asarray(_jit_step(jnp.asarray(z[None, :]), jnp.ones(1), y, lr, jnp.asarray(mask)))
+        W_new = np.asarray(
+            _jit_step(jnp.asarray(z[None, :]), jnp.ones(1), y, lr, jnp.asarray(mask))
+        )
         z_in = jnp.asarray(np.where(mask, z, -np.inf))
         ratio = np.asarray(_jit_ratio(z_in, y, lr))[:V]
     z0, z1 = z[:V], W_new[0, :V]
@@ -169,7 +176,8 @@ def cases():
 
 def test_reference_setup_reproduces_the_papers_numbers(cases):
     c3, c4 = cases["case3"], cases["case4"]
-    # PAPER.md §4: "argmax 0.76 → 0.99", "entropy 2.26 → 0.00" — exact RNG stream of np.random.seed(10086).
+    # the paper (arXiv 2407.10490, App. C): "argmax 0.76 → 0.99", "entropy 2.26 → 0.00" — exact
+    # RNG stream of np.random.seed(10086).
     assert round(c3["max_prob_before"], 2) == 0.76 and round(c3["max_prob_after"], 2) == 0.99
     assert round(c4["entropy_before"], 2) == 2.26 and round(c4["entropy_after"], 2) == 0.00
     np.testing.assert_allclose(c3["max_prob_before"], 0.762700156736231, rtol=1e-9)
@@ -223,8 +231,13 @@ def test_case4_large_vocabulary_entropy_collapses(cases):
 def test_squeeze_is_nonnegative_and_zero_for_uniform(draws):
     m = toy.squeeze_measures(draws)
     assert m["squeeze"].min() >= -1e-12
-    uni = dict(mask=np.ones((1, 5), bool), y_neg=np.array([2]), eta_eff=np.array([3.0]),
-               z=np.zeros((1, 5)), z_new=np.zeros((1, 5)) + 3.0 * (0.2 - np.eye(5)[2]))
+    uni = dict(
+        mask=np.ones((1, 5), bool),
+        y_neg=np.array([2]),
+        eta_eff=np.array([3.0]),
+        z=np.zeros((1, 5)),
+        z_new=np.zeros((1, 5)) + 3.0 * (0.2 - np.eye(5)[2]),
+    )
     assert abs(toy.squeeze_measures(uni)["squeeze"][0]) < 1e-12
 
 
@@ -244,7 +257,9 @@ def test_controlled_sweeps_are_monotone():
     assert ct["peakiness"]["frac_expected_sign"] >= 0.95
     # the π(y⁻) sweep really sets π(y⁻) on its grid.
     grid = np.geomspace(1e-4, 0.9, ct["k"])
-    np.testing.assert_allclose(ct["pi_neg"]["factor_values"], np.broadcast_to(grid, (60, ct["k"])), rtol=1e-9)
+    np.testing.assert_allclose(
+        ct["pi_neg"]["factor_values"], np.broadcast_to(grid, (60, ct["k"])), rtol=1e-9
+    )
 
 
 def test_spearman_matches_scipy_with_ties():
@@ -278,8 +293,18 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_cli_writes_summary_and_figures(tmp_path, capsys):
     figs = tmp_path / "figs"
-    rc = cli.main(["--out", str(tmp_path / "sq"), "--draws", "400", "--sweeps", "10",
-                   "--figures-dir", str(figs)])
+    rc = cli.main(
+        [
+            "--out",
+            str(tmp_path / "sq"),
+            "--draws",
+            "400",
+            "--sweeps",
+            "10",
+            "--figures-dir",
+            str(figs),
+        ]
+    )
     assert rc == 0
     summary = json.loads((tmp_path / "sq" / "summary.json").read_text())
     assert summary["guarantees"]["pi_neg_fell"] == summary["guarantees"]["n"] == 400

@@ -1,4 +1,5 @@
-"""The squeezing effect on the LM (ldjax.squeeze.lm): one DPO step's y⁻ term on a tiny transformer.
+"""The squeezing effect on the LM (ldjax.experiments.squeeze.lm): one DPO step's y⁻ term on a tiny
+transformer.
 
 Closed forms of the DPO decomposition (float64), the one-step prediction against a real SGD step,
 the squeeze on a peaky model, the per-position statistics against the toy's closed form, loading
@@ -15,9 +16,9 @@ import pytest
 
 from ldjax.data.preferences import SeqConfig
 from ldjax.data.synthetic import generate_preferences
+from ldjax.experiments.squeeze import lm
 from ldjax.lm.model import LMConfig, init_params
 from ldjax.lm.tokenizer import ByteTokenizer
-from ldjax.squeeze import lm
 
 TOK = ByteTokenizer()
 CFG = LMConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=48, dtype=jnp.float64)
@@ -61,7 +62,9 @@ def setup():
         out = dict(apply_fn=f, params=p, peaky=peaky, eta=eta)
         out["res"] = lm.lm_squeeze(f, p, TOK, RECORD, eta=1e-3, seq_cfg=SEQ, beta=BETA)
         out["peaky_res"] = lm.lm_squeeze(f, peaky, TOK, RECORD, eta=eta, seq_cfg=SEQ, beta=BETA)
-        out["peaky_res_small"] = lm.lm_squeeze(f, peaky, TOK, RECORD, eta=eta / 10, seq_cfg=SEQ, beta=BETA)
+        out["peaky_res_small"] = lm.lm_squeeze(
+            f, peaky, TOK, RECORD, eta=eta / 10, seq_cfg=SEQ, beta=BETA
+        )
         yield out
 
 
@@ -74,7 +77,10 @@ def test_y_neg_term_lowers_logp_neg_by_its_closed_form(setup):
     assert r["a"] == pytest.approx(0.5, abs=1e-12)
     c = r["eta"] * BETA * (1 - r["a"])
     ps = r["param_step"]
-    rej, cho = r["observed"]["rejected"]["delta_logp_linear"], r["observed"]["chosen"]["delta_logp_linear"]
+    rej, cho = (
+        r["observed"]["rejected"]["delta_logp_linear"],
+        r["observed"]["chosen"]["delta_logp_linear"],
+    )
     assert rej["y_neg"] < 0 and cho["y_pos"] > 0
     np.testing.assert_allclose(rej["y_neg"], -ps["neg_neg"] / c, rtol=1e-8)
     np.testing.assert_allclose(cho["y_pos"], ps["pos_pos"] / c, rtol=1e-8)
@@ -129,9 +135,9 @@ def test_y_neg_term_squeezes_a_peaky_model(setup):
 
 
 def test_position_effect_matches_toy_closed_form():
-    """For the toy's same-position update z' = z + c(π − e_y) (PAPER.md §4), tokens i ≠ y rise
-    exactly when π_i > ‖π‖² − π_y, the argmax share rises when y is not the argmax, and y* gains
-    the largest part of the mass."""
+    """For the toy's same-position update z' = z + c(π − e_y) (arXiv 2407.10490, §3.3 and App. C),
+    tokens i ≠ y rise exactly when π_i > ‖π‖² − π_y, the argmax share rises when y is not the
+    argmax, and y* gains the largest part of the mass."""
     rng = np.random.default_rng(0)
     V, c = 50, 2.0
     z = rng.normal(size=(40, V)) * np.linspace(0.3, 4.0, 40)[:, None]
@@ -157,57 +163,100 @@ def test_position_effect_matches_toy_closed_form():
         lm.position_effect(z, z, y[:3])
 
 
-def test_save_load_npz_and_pipeline_orbax(tmp_path):
+def test_save_load_lm_and_pipeline_checkpoints(tmp_path):
+    """One LM weight format (orbax, ldjax.lm.checkpoint): save_lm round trip with its config; the
+    pipeline's checkpoints read with the config of the run's config.json, or of the phase's
+    fingerprint; clear errors otherwise."""
+    from ldjax.lm import train as T
+    from ldjax.lm.checkpoint import load_lm, save_lm
+    from ldjax.lm.config import PipelineConfig, SFTConfig
+    from ldjax.training.checkpoint import save_params
+
     with jax.enable_x64(True):
         p = _init(1)
-        path = lm.save_lm(tmp_path / "m.npz", p, CFG, {"note": "test"})
-        q, cfg, info = lm.load_lm(path)
+        path = save_lm(tmp_path / "m", p, CFG, {"note": "test"})
+        q, cfg, info = load_lm(path)
         assert cfg == CFG and info["saved_info"] == {"note": "test"}
         for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(q)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        # a plain save_npz of the params: the shape is inferred, the heads must be given
-        from ldjax import zoo
-
-        zoo.save_npz(tmp_path / "plain.npz", jax.device_get(p))
+        # weights without a config: the shape is inferred, the heads must be given
+        save_params(tmp_path / "plain", jax.device_get(p))
         with pytest.raises(ValueError, match="heads"):
-            lm.load_lm(tmp_path / "plain.npz")
-        _, cfg2, _ = lm.load_lm(tmp_path / "plain.npz", n_heads=2)
+            load_lm(tmp_path / "plain")
+        _, cfg2, _ = load_lm(tmp_path / "plain", n_heads=2)
         assert cfg2 == CFG
-        # the pipeline's orbax checkpoint, shape from the run's config.json
-        from ldjax.lm import train as T
-        from ldjax.lm.config import PipelineConfig
-
+        # the pipeline's checkpoint folder, shape from the run's config.json
         run = tmp_path / "run"
-        T.save_params(run / "sft" / "ckpt", p)
+        save_params(run / "sft" / "ckpt", p)
         big = dict(d_model=16, n_heads=4, n_layers=1, d_ff=32, dtype="float64")
-        PipelineConfig().replace(model=big, data={"max_len": 48, "max_prompt_len": 16}).to_json(run / "config.json")
-        q3, cfg3, info3 = lm.load_lm(run)
-        assert cfg3.n_heads == 4 and cfg3.max_len == 48 and info3["pipeline_seq"]["max_prompt_len"] == 16
-        np.testing.assert_array_equal(np.asarray(q3["lm_head"]["kernel"]), np.asarray(p["lm_head"]["kernel"]))
-        # errors: missing path, a config that does not fit the arrays, not LM params
+        PipelineConfig().replace(model=big, data={"max_len": 48, "max_prompt_len": 16}).to_json(
+            run / "config.json"
+        )
+        q3, cfg3, info3 = load_lm(run)
+        assert (
+            cfg3.n_heads == 4
+            and cfg3.max_len == 48
+            and info3["pipeline_seq"]["max_prompt_len"] == 16
+        )
+        np.testing.assert_array_equal(
+            np.asarray(q3["lm_head"]["kernel"]), np.asarray(p["lm_head"]["kernel"])
+        )
+        # a training phase's checkpoint carries the model in its fingerprint
+        from ldjax.data.synthetic import generate_preferences as gen
+
+        res = T.sft(
+            p,
+            CFG,
+            gen(8),
+            SFTConfig(steps=1, epochs=0.0, batch_size=4, warmup=0, eval_every=1, ckpt_every=1),
+            max_prompt_len=16,
+            ckpt_dir=tmp_path / "phase",
+            progress=False,
+        )
+        q4, cfg4, info4 = load_lm(tmp_path / "phase")
+        assert cfg4 == CFG and info4["config_source"] == "the training phase's fingerprint"
+        np.testing.assert_array_equal(
+            np.asarray(q4["lm_head"]["kernel"]), np.asarray(res.params["lm_head"]["kernel"])
+        )
+        # errors: missing path, a file, a config that does not fit the arrays, not LM params
         with pytest.raises(FileNotFoundError):
-            lm.load_lm(tmp_path / "nope.npz")
+            load_lm(tmp_path / "nope")
+        (tmp_path / "f.npz").write_bytes(b"x")
+        with pytest.raises(ValueError, match="is a file"):
+            load_lm(tmp_path / "f.npz")
         import dataclasses
 
-        lm.save_lm(tmp_path / "bad.npz", p, dataclasses.replace(CFG, d_ff=64))
+        save_lm(tmp_path / "bad", p, dataclasses.replace(CFG, d_ff=64))
         with pytest.raises(ValueError, match="do not match"):
-            lm.load_lm(tmp_path / "bad.npz")
-        zoo.save_npz(tmp_path / "other.npz", {"w": np.zeros(3)})
+            load_lm(tmp_path / "bad")
+        save_params(tmp_path / "other", {"w": np.zeros(3)})
         with pytest.raises(ValueError, match="TransformerLM"):
-            lm.load_lm(tmp_path / "other.npz", n_heads=2)
+            load_lm(tmp_path / "other", n_heads=2)
 
 
-def test_cli_lm_writes_summary_and_figure(tmp_path):
-    from ldjax.squeeze import cli
+def test_cli_lm_writes_summary_and_figure(tmp_path, capsys):
+    from ldjax.experiments.squeeze import cli
 
     with jax.enable_x64(True):
         p = _peaky(_init(0), 100.0)
-        lm.save_lm(tmp_path / "m.npz", p, CFG)
+        lm.save_lm(tmp_path / "m", p, CFG)
         data = tmp_path / "d.jsonl"
         data.write_text(json.dumps({k: RECORD[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
-        rc = cli.main(["--lm", "--lm-params", str(tmp_path / "m.npz"), "--data", str(data),
-                       "--lm-max-prompt-len", "16",  # the fixture's lengths: its compiled programs are reused
-                       "--out", str(tmp_path / "out"), "--lm-eta-sweep", "1,10"])
+        rc = cli.main(
+            [
+                "--lm",
+                "--lm-params",
+                str(tmp_path / "m"),
+                "--data",
+                str(data),
+                "--lm-max-prompt-len",
+                "16",  # the fixture's lengths: its compiled programs are reused
+                "--out",
+                str(tmp_path / "out"),
+                "--lm-eta-sweep",
+                "1,10",
+            ]
+        )
     assert rc == 0
     s = json.loads((tmp_path / "out" / "lm_summary.json").read_text())
     assert os.path.getsize(tmp_path / "out" / "squeeze_lm.png") > 10_000
@@ -218,6 +267,18 @@ def test_cli_lm_writes_summary_and_figure(tmp_path):
     assert y["delta_logp_linear"]["y_neg"] == pytest.approx(-0.05 * y["n_positions"], rel=1e-6)
     assert y["summary"]["y_neg"]["frac_argmax_share_rises"] > 0.5
     assert len(y["per_position"]["y_neg"]["argmax_share_before"]) == y["n_positions"]
-    with pytest.raises(ValueError, match="--index"):
-        cli.main(["--lm", "--lm-params", str(tmp_path / "m.npz"), "--data", str(data), "--index", "5",
-                  "--out", str(tmp_path / "out2")])
+    rc = cli.main(
+        [
+            "--lm",
+            "--lm-params",
+            str(tmp_path / "m"),
+            "--data",
+            str(data),
+            "--index",
+            "5",
+            "--out",
+            str(tmp_path / "out2"),
+        ]
+    )
+    assert rc == 2 and "--index" in capsys.readouterr().err
+    assert not any((tmp_path / "out2").iterdir())  # a failed run leaves no half-written result

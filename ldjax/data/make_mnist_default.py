@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldjax.data.mnist import MNIST_FILES, _find_file, find_mnist_dir, load_mnist
+from ldjax.data.mnist import MNIST_FILES, find_file, find_mnist_dir, load_mnist
 
 __all__ = ["select_first_per_class", "build_default", "write_npz", "main"]
 
@@ -67,7 +67,7 @@ def build_default(data_dir=None, train_per_class: int = 80, test_per_class: int 
         out[f"{split}_labels"] = labels[idx].astype(np.uint8)
         out[f"{split}_index"] = idx
         for stem in MNIST_FILES[split]:
-            p = _find_file(folder, stem)
+            p = find_file(folder, stem)
             sources.append(f"{p.name} sha256 {_sha256(p)}")
     n_tr, n_te = len(out["train_index"]), len(out["test_index"])
     out["provenance"] = np.array(

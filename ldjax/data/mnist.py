@@ -3,7 +3,7 @@
 The paper's warm-up (Ren & Sutherland, ICLR 2025, Figure 1) trains LeNet on 2,000 MNIST digits.
 This module only deals with the bytes; the model and training loop live in :mod:`ldjax.mnist`.
 
-IDX format (http://yann.lecun.com/exdb/mnist/): a big-endian header
+IDX format (http://yann.lecun.com/exdb/mnist/): a big-endian header::
 
     0x00 0x00 <dtype code> <ndim>   (the "magic number": 2051 = uint8 images (N, H, W),
                                      2049 = uint8 labels (N,))
@@ -48,6 +48,7 @@ __all__ = [
     "read_idx",
     "load_mnist",
     "find_mnist_dir",
+    "find_file",
     "cache_dir",
     "download_mnist",
     "load_default",
@@ -58,7 +59,8 @@ __all__ = [
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: uint8, 3 dims (N, H, W)
 IDX_LABELS_MAGIC = 2049  # 0x00000801: uint8, 1 dim (N,)
 
-#: split -> (images file stem, labels file stem); each is looked up as ``stem + ".gz"`` then ``stem``.
+#: split -> (images file stem, labels file stem); each is looked up as ``stem + ".gz"`` then
+#: ``stem``.
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -123,13 +125,19 @@ def read_idx(path, *, expect_magic: int | None = None) -> np.ndarray:
 
     Raises:
       FileNotFoundError: no such file.
-      ValueError: bad gzip stream, bad magic number, or a payload whose length does not match
-        the header; the message names the file and what is wrong.
+      ValueError: a folder, an unreadable file, a bad gzip stream, a bad magic number, or a
+        payload whose length does not match the header; the message names the file and what is
+        wrong.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not an IDX file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    data = _read_bytes(path)
+    try:
+        data = _read_bytes(path)
+    except OSError as e:  # permissions, I/O errors (gzip errors are ValueErrors already)
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from e
     if len(data) < 4:
         raise ValueError(f"{path}: {len(data)} bytes, too short for an IDX header (needs >= 4)")
     magic = int.from_bytes(data[:4], "big")
@@ -164,12 +172,14 @@ def read_idx(path, *, expect_magic: int | None = None) -> np.ndarray:
 
 
 def cache_dir() -> Path:
-    """The user cache folder for MNIST: ``$XDG_CACHE_HOME/ldjax/mnist`` (``~/.cache/ldjax/mnist``)."""
+    """The user cache folder for MNIST: ``$XDG_CACHE_HOME/ldjax/mnist``
+    (``~/.cache/ldjax/mnist``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "ldjax" / "mnist"
 
 
-def _find_file(folder: Path, stem: str) -> Path | None:
+def find_file(folder: Path, stem: str) -> Path | None:
+    """``folder/<stem>.gz`` or ``folder/<stem>``, whichever exists (gzip first), else None."""
     for name in (stem + ".gz", stem):
         p = folder / name
         if p.is_file():
@@ -178,7 +188,7 @@ def _find_file(folder: Path, stem: str) -> Path | None:
 
 
 def _has_split(folder: Path, split: str) -> bool:
-    return all(_find_file(folder, stem) is not None for stem in MNIST_FILES[split])
+    return all(find_file(folder, stem) is not None for stem in MNIST_FILES[split])
 
 
 def _check_split(split: str) -> None:
@@ -233,7 +243,7 @@ def load_mnist(data_dir=None, split: str = "train") -> tuple[np.ndarray, np.ndar
     _check_split(split)
     folder = find_mnist_dir(data_dir, split)
     img_stem, lab_stem = MNIST_FILES[split]
-    img_path, lab_path = _find_file(folder, img_stem), _find_file(folder, lab_stem)
+    img_path, lab_path = find_file(folder, img_stem), find_file(folder, lab_stem)
     images = read_idx(img_path, expect_magic=IDX_IMAGES_MAGIC)
     labels = read_idx(lab_path, expect_magic=IDX_LABELS_MAGIC)
     if images.shape[0] != labels.shape[0]:
@@ -280,9 +290,10 @@ def download_mnist(dest=None, mirror: str = DEFAULT_MIRROR, *, timeout: float = 
             continue
         fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".part", dir=dest)
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
-                mirror + name, timeout=timeout
-            ) as resp:
+            with (
+                os.fdopen(fd, "wb") as out,
+                urllib.request.urlopen(mirror + name, timeout=timeout) as resp,
+            ):
                 shutil.copyfileobj(resp, out)
             got = _md5(Path(tmp))
             if got != md5:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -67,28 +67,84 @@ DEFAULT_SEQ = SeqConfig(max_len=256, max_prompt_len=128)
 PAPER_SEQ = SeqConfig(max_len=512, max_prompt_len=256)
 
 
-def load_jsonl(path: str | os.PathLike, required: Sequence[str] = ("prompt", "chosen", "rejected")) -> list[dict]:
+def _no_duplicate_keys(pairs: list) -> dict:
+    """``object_pairs_hook`` of :func:`json.loads` that refuses an object with a key twice
+    (plain :func:`json.loads` keeps the last value silently)."""
+    seen: dict = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen[k] = v
+    return seen
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def load_jsonl(
+    path: str | os.PathLike,
+    required: Sequence[str] = ("prompt", "chosen", "rejected"),
+    nonempty: Sequence[str] = ("prompt", "chosen", "rejected"),
+) -> list[dict]:
     """Read a JSON-lines file of records (one JSON object per line; blank lines are skipped).
+
+    Every error names the file, and the line where there is one (``"<path>:<line>: ..."``).
+
+    Args:
+      path: the file (UTF-8).
+      required: fields every record must have, as strings.
+      nonempty: fields of ``required`` that must not be the empty string ``""`` (whitespace is
+        kept: ``" "`` is a response of one token). Probe fields such as ``chosen_initial`` may be
+        empty (21 records of the paper's probe file have an empty one), so they are not listed.
+
+    Returns:
+      The records, in file order (at least one).
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
-      ValueError: a line is not valid JSON or not an object ("<path>:<line>: ..."), or a field in
-        ``required`` is missing or not a string ("<path>:<line>: field 'chosen' ...").
+      ValueError: ``path`` is a folder or cannot be read; a line is not UTF-8 (a binary or
+        Latin-1 file), not valid JSON, not an object, or repeats a key in one object; a field in
+        ``required`` is missing or not a string, or one in ``nonempty`` is ``""``; the file holds
+        no record.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"preference file not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder, not a JSON-lines file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    try:
+        f = open(path, "rb")  # bytes: a line that is not UTF-8 is reported with its number
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from e
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                    f"{e.start + 1} of the line); a binary or Latin-1 file?"
+                ) from None
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+            except _DuplicateKey as e:
+                raise ValueError(
+                    f"{path}:{lineno}: duplicate key {e.key!r} in one JSON object"
+                ) from None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
+                raise ValueError(
+                    f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})"
+                ) from e
             if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}"
+                )
             for field in required:
                 if field not in rec:
                     raise ValueError(f"{path}:{lineno}: missing required field {field!r}")
@@ -97,11 +153,17 @@ def load_jsonl(path: str | os.PathLike, required: Sequence[str] = ("prompt", "ch
                         f"{path}:{lineno}: field {field!r} must be a string, "
                         f"got {type(rec[field]).__name__}"
                     )
+                if field in nonempty and rec[field] == "":
+                    raise ValueError(f"{path}:{lineno}: field {field!r} is an empty string")
             records.append(rec)
+    if not records:
+        raise ValueError(f"{path}: no records (the file is empty or holds only blank lines)")
     return records
 
 
-def encode_prompt(tokenizer, prompt: str, *, max_prompt_len: int = DEFAULT_SEQ.max_prompt_len) -> list[int]:
+def encode_prompt(
+    tokenizer, prompt: str, *, max_prompt_len: int = DEFAULT_SEQ.max_prompt_len
+) -> list[int]:
     """``[BOS] + encode(prompt)[-max_prompt_len:]``: the context a response is generated from
     (feed to :func:`ldjax.lm.decode.generate`)."""
     ids = tokenizer.encode(prompt)
@@ -119,7 +181,8 @@ def encode_example(
 ) -> dict:
     """Encode one (x, y) pair for teacher forcing (layout in the module docstring).
 
-    Returns a dict of numpy arrays, each of shape ``(max_len,)``:
+    Returns a dict of numpy arrays, each of shape ``(max_len,)``::
+
       tokens  int32: [BOS] + prompt + response + [EOS], right-padded with PAD.
       targets int32: ``targets[t] = tokens[t+1]``; PAD at the last position and in padding.
       mask    bool:  True at the positions t whose target is a response token (incl. EOS);
@@ -151,7 +214,9 @@ def encode_batch(
     """:func:`encode_example` over pairs; returns ``tokens``, ``targets`` int32 and ``mask``
     bool arrays of shape ``(N, max_len)``."""
     if isinstance(prompts, str) or isinstance(responses, str):
-        raise ValueError("encode_batch expects sequences of strings; use encode_example for one pair")
+        raise ValueError(
+            "encode_batch expects sequences of strings; use encode_example for one pair"
+        )
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     _check_lengths(max_prompt_len, max_len)

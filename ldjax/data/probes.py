@@ -17,11 +17,18 @@ The greedy-decoding response y* is not stored: decode it from the model under st
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["PROBE_TYPES", "PAPER_SYMBOLS", "probe_types", "split_held_out", "build_probes", "shuffle_words"]
+__all__ = [
+    "PROBE_TYPES",
+    "PAPER_SYMBOLS",
+    "probe_types",
+    "split_held_out",
+    "build_probes",
+    "shuffle_words",
+]
 
 PROBE_TYPES = (
     "chosen",
@@ -69,7 +76,9 @@ def shuffle_words(text: str, rng: np.random.Generator) -> str:
     return " ".join(words[i] for i in rng.permutation(len(words)))
 
 
-def split_held_out(records: Sequence[dict], n_test: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def split_held_out(
+    records: Sequence[dict], n_test: int, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
     """Deterministic split: ``n_test`` records (chosen by ``seed``) held out; the rest keep their
     order. Returns ``(train, test)``."""
     n = len(records)
@@ -94,8 +103,8 @@ def build_probes(
     records: Sequence[dict],
     *,
     seed: int = 0,
-    n_test: Optional[int] = None,
-    test_records: Optional[Sequence[dict]] = None,
+    n_test: int | None = None,
+    test_records: Sequence[dict] | None = None,
     overwrite: bool = False,
 ) -> list[dict]:
     """Add the model-free probe types to preference records.
@@ -132,22 +141,25 @@ def build_probes(
     if len(train) < 2:
         raise ValueError(f"need >= 2 probe records to draw irr_train, got {len(train)}")
 
-    out = []
+    return [_add_probes(i, train, test, seed, overwrite) for i in range(len(train))]
+
+
+def _add_probes(i: int, train: list[dict], test: list[dict], seed: int, overwrite: bool) -> dict:
+    """A copy of ``train[i]`` with the probe fields of :func:`build_probes` filled in."""
+    rec = train[i]
     n = len(train)
-    for i, rec in enumerate(train):
-        rng = np.random.default_rng([seed, i])
-        j = (i + int(rng.integers(1, n))) % n  # another training prompt, j != i
-        t = int(rng.integers(len(test)))
-        perm_rng, nonhum_rng = rng.spawn(2)
-        new = dict(rec)
+    rng = np.random.default_rng([seed, i])
+    j = (i + int(rng.integers(1, n))) % n  # another training prompt, j != i
+    t = int(rng.integers(len(test)))
+    perm_rng, nonhum_rng = rng.spawn(2)
+    new = dict(rec)
 
-        def fill(field, make):
-            if overwrite or not isinstance(new.get(field), str):
-                new[field] = make()
+    def fill(field, make):
+        if overwrite or not isinstance(new.get(field), str):
+            new[field] = make()
 
-        fill("irr_train", lambda: train[j]["chosen"])
-        fill("irr_test", lambda: test[t]["chosen"])
-        fill("random_permute", lambda: shuffle_words(rec["chosen"], perm_rng))
-        fill("random_nonhum", lambda: shuffle_words(new["irr_test"], nonhum_rng))
-        out.append(new)
-    return out
+    fill("irr_train", lambda: train[j]["chosen"])
+    fill("irr_test", lambda: test[t]["chosen"])
+    fill("random_permute", lambda: shuffle_words(rec["chosen"], perm_rng))
+    fill("random_nonhum", lambda: shuffle_words(new["irr_test"], nonhum_rng))
+    return new

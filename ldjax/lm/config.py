@@ -20,10 +20,13 @@ needs larger rates. We keep RMSprop for SFT and DPO, the clip of 10 and β = 0.1
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-from typing import Any, Optional
+
+import jax.numpy as jnp
+
+from ldjax.lm.model import LMConfig
+from ldjax.training.config import Config, merge
 
 __all__ = [
     "ModelConfig",
@@ -37,6 +40,7 @@ __all__ = [
     "DEFAULT",
     "QUICK",
     "load_config",
+    "PRESETS",
     "OPTIMIZERS",
     "SCHEDULES",
     "PREFERENCE_LOSSES",
@@ -50,7 +54,7 @@ PRETRAIN_SOURCES = ("prompts", "dialogues", "dialogues_both")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Config):
     """Transformer shape (:class:`ldjax.lm.model.LMConfig` without V and the context length,
     which come from the tokenizer and :class:`DataConfig`)."""
 
@@ -66,23 +70,29 @@ class ModelConfig:
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"model.{f} must be a positive int, got {v!r}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+            )
         if self.dtype not in ("float32", "float64", "bfloat16"):
-            raise ValueError(f"model.dtype must be float32, float64 or bfloat16, got {self.dtype!r}")
+            raise ValueError(
+                f"model.dtype must be float32, float64 or bfloat16, got {self.dtype!r}"
+            )
 
     def lm_config(self, max_len: int, vocab_size: int = 259):
         """The :class:`~ldjax.lm.model.LMConfig` of this shape with context ``max_len``."""
-        import jax.numpy as jnp
-
-        from ldjax.lm.model import LMConfig
-
-        return LMConfig(vocab_size=vocab_size, d_model=self.d_model, n_heads=self.n_heads,
-                        n_layers=self.n_layers, d_ff=self.d_ff, max_len=max_len,
-                        dtype=getattr(jnp, self.dtype))
+        return LMConfig(
+            vocab_size=vocab_size,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            n_layers=self.n_layers,
+            d_ff=self.d_ff,
+            max_len=max_len,
+            dtype=getattr(jnp, self.dtype),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Config):
     """Which records train and which are probed.
 
     Attributes:
@@ -104,7 +114,7 @@ class DataConfig:
 
     max_len: int = 256
     max_prompt_len: int = 128
-    n_records: Optional[int] = None
+    n_records: int | None = None
     n_heldout: int = 32
     n_track: int = 16
     synthetic_n: int = 500
@@ -113,18 +123,27 @@ class DataConfig:
 
     def __post_init__(self):
         if self.max_len < self.max_prompt_len + 2 or self.max_prompt_len < 1:
-            raise ValueError(f"data.max_len={self.max_len} must be >= max_prompt_len + 2 and "
-                             f"max_prompt_len={self.max_prompt_len} >= 1")
+            raise ValueError(
+                f"data.max_len={self.max_len} must be >= max_prompt_len + 2 and "
+                f"max_prompt_len={self.max_prompt_len} >= 1"
+            )
         if self.n_heldout < 1 or self.n_track < 1:
-            raise ValueError(f"data.n_heldout ({self.n_heldout}) and data.n_track ({self.n_track}) must be >= 1")
+            raise ValueError(
+                f"data.n_heldout ({self.n_heldout}) and data.n_track ({self.n_track}) must be >= 1"
+            )
         if self.n_records is not None and self.n_records < self.n_heldout + 2:
-            raise ValueError(f"data.n_records={self.n_records} must be >= n_heldout + 2 = {self.n_heldout + 2}")
+            raise ValueError(
+                f"data.n_records={self.n_records} must be >= n_heldout + 2 = {self.n_heldout + 2}"
+            )
         if self.pretrain_source not in PRETRAIN_SOURCES:
-            raise ValueError(f"data.pretrain_source must be one of {PRETRAIN_SOURCES}, got {self.pretrain_source!r}")
+            raise ValueError(
+                f"data.pretrain_source must be one of {PRETRAIN_SOURCES}, "
+                f"got {self.pretrain_source!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
-class PhaseConfig:
+class PhaseConfig(Config):
     """Optimisation of one phase.
 
     Attributes:
@@ -146,7 +165,7 @@ class PhaseConfig:
     lr: float = 1e-4
     warmup: int = 0
     schedule: str = "constant"
-    grad_clip: Optional[float] = 10.0
+    grad_clip: float | None = 10.0
     batch_size: int = 8
     steps: int = 0
     epochs: float = 1.0
@@ -162,10 +181,14 @@ class PhaseConfig:
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.batch_size < 1 or self.eval_every < 1 or self.ckpt_every < 1 or self.warmup < 0:
-            raise ValueError("batch_size, eval_every, ckpt_every must be >= 1 and warmup >= 0, got "
-                             f"{self.batch_size}, {self.eval_every}, {self.ckpt_every}, {self.warmup}")
+            raise ValueError(
+                "batch_size, eval_every, ckpt_every must be >= 1 and warmup >= 0, got "
+                f"{self.batch_size}, {self.eval_every}, {self.ckpt_every}, {self.warmup}"
+            )
         if self.steps < 0 or (self.steps == 0 and not self.epochs > 0):
-            raise ValueError(f"give steps > 0 or epochs > 0 (steps={self.steps}, epochs={self.epochs})")
+            raise ValueError(
+                f"give steps > 0 or epochs > 0 (steps={self.steps}, epochs={self.epochs})"
+            )
 
     def total_steps(self, n_examples: int) -> int:
         """Optimizer steps of the phase on ``n_examples`` examples."""
@@ -234,29 +257,35 @@ class PreferenceConfig(PhaseConfig):
     beta: float = 0.1
     delta: float = 1.0
     lam: float = 0.0
-    c: Optional[float] = None
+    c: float | None = None
     on_policy: bool = False
     temperature: float = 1.0
     max_new_tokens: int = 96
     ref_logp: str = "dataset"
-    n_pairs: Optional[int] = 128
+    n_pairs: int | None = 128
 
     def __post_init__(self):
         super().__post_init__()
-        if self.n_pairs is not None and (not isinstance(self.n_pairs, int) or self.n_pairs < self.batch_size):
-            raise ValueError(f"preference.n_pairs must be None or an int >= batch_size={self.batch_size}, "
-                             f"got {self.n_pairs!r}")
+        if self.n_pairs is not None and (
+            not isinstance(self.n_pairs, int) or self.n_pairs < self.batch_size
+        ):
+            raise ValueError(
+                f"preference.n_pairs must be None or an int >= batch_size={self.batch_size}, "
+                f"got {self.n_pairs!r}"
+            )
         if self.loss not in PREFERENCE_LOSSES:
             raise ValueError(f"loss must be one of {PREFERENCE_LOSSES}, got {self.loss!r}")
         if self.ref_logp not in ("dataset", "batch"):
             raise ValueError(f"ref_logp must be 'dataset' or 'batch', got {self.ref_logp!r}")
         if not self.beta > 0 or self.max_new_tokens < 1 or self.temperature < 0:
-            raise ValueError(f"need beta > 0, max_new_tokens >= 1, temperature >= 0 (got "
-                             f"{self.beta}, {self.max_new_tokens}, {self.temperature})")
+            raise ValueError(
+                f"need beta > 0, max_new_tokens >= 1, temperature >= 0 (got "
+                f"{self.beta}, {self.max_new_tokens}, {self.temperature})"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
-class TrackConfig:
+class TrackConfig(Config):
     """Probe tracking.
 
     Attributes:
@@ -268,12 +297,12 @@ class TrackConfig:
     """
 
     eval_batch: int = 64
-    decode_max_new_tokens: Optional[int] = None
+    decode_max_new_tokens: int | None = None
     one_step_etas: tuple = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
 
 
 @dataclasses.dataclass(frozen=True)
-class PipelineConfig:
+class PipelineConfig(Config):
     """pretrain → SFT → preference, with probes. ``seed`` initialises the model."""
 
     model: ModelConfig = ModelConfig()
@@ -288,70 +317,15 @@ class PipelineConfig:
         """The model's :class:`~ldjax.lm.model.LMConfig` (byte vocabulary, V = 259)."""
         return self.model.lm_config(self.data.max_len)
 
-    def to_dict(self) -> dict:
-        return _to_jsonable(dataclasses.asdict(self))
-
-    def to_json(self, path: Optional[str | os.PathLike] = None) -> str:
-        """JSON text of the whole config (written to ``path`` if given)."""
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return text
-
     @classmethod
-    def from_dict(cls, d: dict, base: Optional["PipelineConfig"] = None) -> "PipelineConfig":
+    def from_dict(cls, d: dict, base: PipelineConfig | None = None) -> PipelineConfig:
         """``base`` (default :data:`DEFAULT`) with the fields of ``d`` replaced (nested dicts)."""
-        return _merge(cls, base if base is not None else DEFAULT, d, "config")
-
-    def replace(self, **sections) -> "PipelineConfig":
-        """A copy with whole sections or section fields replaced: ``replace(sft={"extend": True})``."""
-        return _merge(PipelineConfig, self, sections, "config")
+        return merge(cls, base if base is not None else DEFAULT, d, "config")
 
 
-def _to_jsonable(x):
-    if isinstance(x, dict):
-        return {k: _to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_to_jsonable(v) for v in x]
-    return x
-
-
-def _merge(cls, base, d: Any, where: str):
-    if dataclasses.is_dataclass(d):
-        d = dataclasses.asdict(d)
-    if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
-    kw = {}
-    for name, value in d.items():
-        cur = getattr(base, name)
-        if dataclasses.is_dataclass(cur):
-            kw[name] = _merge(type(cur), cur, value, f"{where}.{name}")
-        elif isinstance(cur, tuple) and isinstance(value, list):
-            kw[name] = tuple(value)
-        else:
-            kw[name] = value
-    try:
-        return dataclasses.replace(base, **kw)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from e
-
-
-def load_config(path: str | os.PathLike, base: Optional[PipelineConfig] = None) -> PipelineConfig:
+def load_config(path: str | os.PathLike, base: PipelineConfig | None = None) -> PipelineConfig:
     """Read a JSON config (full or partial) and merge it onto ``base`` (default :data:`DEFAULT`)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from e
-    return PipelineConfig.from_dict(d, base)
+    return PipelineConfig.load(path, base if base is not None else DEFAULT)
 
 
 DEFAULT = PipelineConfig()
@@ -359,12 +333,29 @@ DEFAULT = PipelineConfig()
 
 QUICK = PipelineConfig(
     model=ModelConfig(d_model=32, n_heads=2, n_layers=1, d_ff=64),
-    data=DataConfig(max_len=96, max_prompt_len=48, n_records=64, n_heldout=8, n_track=8, synthetic_n=64),
+    data=DataConfig(
+        max_len=96, max_prompt_len=48, n_records=64, n_heldout=8, n_track=8, synthetic_n=64
+    ),
     pretrain=PretrainConfig(steps=30, batch_size=8, warmup=5, eval_every=10, ckpt_every=10),
-    sft=SFTConfig(steps=16, epochs=0.0, lr=1e-3, warmup=2, batch_size=8, eval_every=4, ckpt_every=8),
-    preference=PreferenceConfig(steps=32, epochs=0.0, n_pairs=32, lr=5e-4, warmup=2, batch_size=8,
-                                eval_every=4, ckpt_every=8, max_new_tokens=24),
-    track=TrackConfig(eval_batch=32, decode_max_new_tokens=24, one_step_etas=(1e-6, 1e-5, 1e-4, 1e-3)),
+    sft=SFTConfig(
+        steps=16, epochs=0.0, lr=1e-3, warmup=2, batch_size=8, eval_every=4, ckpt_every=8
+    ),
+    preference=PreferenceConfig(
+        steps=32,
+        epochs=0.0,
+        n_pairs=32,
+        lr=5e-4,
+        warmup=2,
+        batch_size=8,
+        eval_every=4,
+        ckpt_every=8,
+        max_new_tokens=24,
+    ),
+    track=TrackConfig(
+        eval_batch=32, decode_max_new_tokens=24, one_step_etas=(1e-6, 1e-5, 1e-4, 1e-3)
+    ),
 )
 """A tiny model and 16–32 steps per phase (DPO: 8 epochs of 32 pairs): the whole pipeline in 1–3
 minutes (tests, CI)."""
+
+PRESETS = {"default": DEFAULT, "quick": QUICK}

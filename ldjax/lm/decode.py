@@ -16,7 +16,7 @@ tokens, 2 shared CPU cores): about 3-4 s greedy after a 4-8 s compile.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ __all__ = ["generate", "left_pad", "naive_greedy_decode"]
 _BUCKET = 16
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: Optional[int] = None):
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None):
     """Left-pad token lists. Returns ``tokens (N, P)`` int32 and ``positions (N, P)`` int32,
     positions ``0..L_i-1`` on the real tokens and ``-1`` on padding."""
     lengths = [len(p) for p in prompts]
@@ -40,8 +40,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: Optional[int]
     positions = np.full((len(prompts), width), -1, np.int32)
     for i, p in enumerate(prompts):
         if lengths[i]:
-            tokens[i, width - lengths[i]:] = np.asarray(p, np.int32)
-            positions[i, width - lengths[i]:] = np.arange(lengths[i])
+            tokens[i, width - lengths[i] :] = np.asarray(p, np.int32)
+            positions[i, width - lengths[i] :] = np.arange(lengths[i])
     return tokens, positions
 
 
@@ -56,8 +56,21 @@ def _pick(logits, key, greedy: bool, temperature, top_k):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy"))
-def _generate_padded(params, tokens, positions, lengths, key, temperature, top_k, eos_id, pad_id,
-                     *, config, max_new_tokens, greedy):
+def _generate_padded(
+    params,
+    tokens,
+    positions,
+    lengths,
+    key,
+    temperature,
+    top_k,
+    eos_id,
+    pad_id,
+    *,
+    config,
+    max_new_tokens,
+    greedy,
+):
     """tokens/positions (N, P) left-padded; lengths (N,). Returns out (N, max_new_tokens)
     with pad_id after EOS (EOS itself kept). ``eos_id`` < 0: no EOS. Only the shapes, the
     config and greedy-vs-sampling are static, so one program serves all other settings."""
@@ -79,7 +92,9 @@ def _generate_padded(params, tokens, positions, lengths, key, temperature, top_k
         i, cache, prev, done, out, key = state
         # feed the token chosen at step i-1 (position L + i - 1); finished rows feed padding.
         pos = jnp.where(done, -1, lengths + i - 1)[:, None]
-        logits, cache = model.apply(variables, prev[:, None], pos, cache=cache, cache_index=p + i - 1)
+        logits, cache = model.apply(
+            variables, prev[:, None], pos, cache=cache, cache_index=p + i - 1
+        )
         key, sub = jax.random.split(key)
         tok = _pick(logits[:, 0], sub, greedy, temperature, top_k)
         tok = jnp.where(done, pad_id, tok)
@@ -110,22 +125,22 @@ def _as_prompt_lists(prompts, lengths, padding_side) -> list[list[int]]:
     if padding_side == "right":
         return [list(map(int, arr[i, : lengths[i]])) for i in range(len(arr))]
     if padding_side == "left":
-        return [list(map(int, arr[i, arr.shape[1] - lengths[i]:])) for i in range(len(arr))]
+        return [list(map(int, arr[i, arr.shape[1] - lengths[i] :])) for i in range(len(arr))]
     raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
 
 
 def generate(
     params,
     config: LMConfig,
-    prompts: Union[Sequence[Sequence[int]], np.ndarray, jax.Array],
+    prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array,
     max_new_tokens: int,
     *,
-    lengths: Optional[Sequence[int]] = None,
+    lengths: Sequence[int] | None = None,
     padding_side: str = "right",
     temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    key: Optional[jax.Array] = None,
-    eos_id: Optional[int] = 257,
+    top_k: int | None = None,
+    key: jax.Array | None = None,
+    eos_id: int | None = 257,
     pad_id: int = 258,
     include_eos: bool = False,
 ) -> list[list[int]]:
@@ -162,12 +177,15 @@ def generate(
     if int(lens.max()) + max_new_tokens > config.max_len:
         raise ValueError(
             f"prompt length {int(lens.max())} + max_new_tokens {max_new_tokens} exceeds "
-            f"config.max_len={config.max_len}; truncate prompts (keep their end) or ask for fewer tokens"
+            f"config.max_len={config.max_len}; truncate prompts (keep their end) "
+            "or ask for fewer tokens"
         )
     for i, p in enumerate(prompt_lists):
         bad = [t for t in p if not 0 <= t < config.vocab_size]
         if bad:
-            raise ValueError(f"prompt {i} has token ids outside [0, {config.vocab_size}): {bad[:5]}")
+            raise ValueError(
+                f"prompt {i} has token ids outside [0, {config.vocab_size}): {bad[:5]}"
+            )
     greedy = float(temperature) == 0.0
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -180,12 +198,18 @@ def generate(
     width = -(-int(lens.max()) // _BUCKET) * _BUCKET
     tokens, positions = left_pad(prompt_lists, pad_id, width)
     out = _generate_padded(
-        params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(lens), key,
+        params,
+        jnp.asarray(tokens),
+        jnp.asarray(positions),
+        jnp.asarray(lens),
+        key,
         jnp.asarray(max(float(temperature), 1e-6), jnp.float32),
         jnp.asarray(config.vocab_size if top_k is None else int(top_k), jnp.int32),
         jnp.asarray(-1 if eos_id is None else int(eos_id), jnp.int32),
         jnp.asarray(pad_id, jnp.int32),
-        config=config, max_new_tokens=int(max_new_tokens), greedy=greedy,
+        config=config,
+        max_new_tokens=int(max_new_tokens),
+        greedy=greedy,
     )
     out = np.asarray(out)
     results = []
@@ -198,8 +222,15 @@ def generate(
     return results
 
 
-def naive_greedy_decode(params, config: LMConfig, prompt: Sequence[int], max_new_tokens: int,
-                        *, eos_id: Optional[int] = 257, pad_id: int = 258) -> list[int]:
+def naive_greedy_decode(
+    params,
+    config: LMConfig,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    *,
+    eos_id: int | None = 257,
+    pad_id: int = 258,
+) -> list[int]:
     """Slow reference: greedy decoding that recomputes the full forward pass every step
     (one prompt, no cache; the sequence is right-padded to ``config.max_len`` so one program is
     compiled, which causal attention makes harmless). For tests of :func:`generate`.
@@ -208,7 +239,9 @@ def naive_greedy_decode(params, config: LMConfig, prompt: Sequence[int], max_new
     seq = list(map(int, prompt))
     width = config.max_len
     if len(seq) + max_new_tokens > width:
-        raise ValueError(f"prompt length {len(seq)} + {max_new_tokens} exceeds config.max_len={width}")
+        raise ValueError(
+            f"prompt length {len(seq)} + {max_new_tokens} exceeds config.max_len={width}"
+        )
     new = []
     for _ in range(max_new_tokens):
         padded = np.full((1, width), pad_id, np.int32)

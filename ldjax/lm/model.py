@@ -33,7 +33,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -127,8 +128,12 @@ class CausalSelfAttention(nn.Module):
         v = split(_dense(d, cfg.init_std, cfg.dtype, "value")(x))
         new_cache = None
         if cache is not None:
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, cache_index, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, cache_index, 0))
+            k = jax.lax.dynamic_update_slice(
+                cache["k"], k.astype(cache["k"].dtype), (0, 0, cache_index, 0)
+            )
+            v = jax.lax.dynamic_update_slice(
+                cache["v"], v.astype(cache["v"].dtype), (0, 0, cache_index, 0)
+            )
             new_cache = {"k": k, "v": v}
         scores = jnp.einsum("nhqd,nhkd->nhqk", q, k) / jnp.sqrt(jnp.asarray(dh, q.dtype))
         scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(scores.dtype).min)
@@ -155,8 +160,12 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, mask, cache=None, cache_index=None):
         cfg = self.config
-        ln = lambda name: nn.LayerNorm(epsilon=cfg.ln_eps, dtype=cfg.dtype, param_dtype=cfg.dtype, name=name)
-        a, new_cache = CausalSelfAttention(cfg, name="attn")(ln("ln_1")(x), mask, cache, cache_index)
+        ln = lambda name: nn.LayerNorm(
+            epsilon=cfg.ln_eps, dtype=cfg.dtype, param_dtype=cfg.dtype, name=name
+        )
+        a, new_cache = CausalSelfAttention(cfg, name="attn")(
+            ln("ln_1")(x), mask, cache, cache_index
+        )
         x = x + a
         x = x + MLP(cfg, name="mlp")(ln("ln_2")(x))
         return x, new_cache
@@ -185,8 +194,12 @@ class TransformerLM(nn.Module):
         positions = jnp.asarray(positions, jnp.int32)
         valid = positions >= 0  # (N, C)
         embed = lambda num, name: nn.Embed(
-            num, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.dtype,
-            embedding_init=nn.initializers.normal(cfg.init_std), name=name,
+            num,
+            cfg.d_model,
+            dtype=cfg.dtype,
+            param_dtype=cfg.dtype,
+            embedding_init=nn.initializers.normal(cfg.init_std),
+            name=name,
         )
         x = embed(cfg.vocab_size, "tok_embed")(tokens) + embed(cfg.max_len, "pos_embed")(
             jnp.maximum(positions, 0)
@@ -266,7 +279,7 @@ def init_params(config: LMConfig, key: jax.Array) -> dict:
             kind, std = rules[p]
             shape, dtype = flat[p].shape, flat[p].dtype
             if kind == "normal":
-                out[p] = (std * z[offset: offset + size]).reshape(shape).astype(dtype)
+                out[p] = (std * z[offset : offset + size]).reshape(shape).astype(dtype)
                 offset += size
             else:
                 out[p] = (jnp.zeros if kind == "zeros" else jnp.ones)(shape, dtype)
@@ -281,7 +294,9 @@ def _jitted_forward(config: LMConfig) -> Callable:
     # every apply_fn of this config; under outer transformations (jit, vmap, jacrev, ...) the
     # inner jit is transparent.
     model = TransformerLM(config)
-    return jax.jit(lambda params, tokens, positions: model.apply({"params": params}, tokens, positions))
+    return jax.jit(
+        lambda params, tokens, positions: model.apply({"params": params}, tokens, positions)
+    )
 
 
 def make_apply_fn(config: LMConfig) -> Callable:
@@ -293,7 +308,7 @@ def make_apply_fn(config: LMConfig) -> Callable:
     """
     forward = _jitted_forward(config)
 
-    def apply_fn(params, tokens, positions: Optional[jax.Array] = None):
+    def apply_fn(params, tokens, positions: jax.Array | None = None):
         tokens = jnp.asarray(tokens)
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 __all__ = ["ByteTokenizer", "BPETokenizer", "get_tokenizer"]
 
@@ -60,7 +60,7 @@ _SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
 
 def _require_tokenizers():
     try:
-        import tokenizers  # noqa: F401
+        import tokenizers  # noqa: F401, PLC0415  # optional dependency (ldjax[bpe])
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             "BPETokenizer needs the `tokenizers` package: pip install 'ldjax[bpe]' "
@@ -92,11 +92,15 @@ class BPETokenizer:
         self._special = set(ids)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> "BPETokenizer":
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2
+    ) -> BPETokenizer:
         """Train a byte-level BPE with ``vocab_size`` tokens (incl. 256 bytes and 3 specials)."""
         tk = _require_tokenizers()
         if vocab_size < 259:
-            raise ValueError(f"vocab_size must be >= 259 (256 bytes + 3 specials), got {vocab_size}")
+            raise ValueError(
+                f"vocab_size must be >= 259 (256 bytes + 3 specials), got {vocab_size}"
+            )
         tok = tk.Tokenizer(tk.models.BPE())
         tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = tk.decoders.ByteLevel()
@@ -131,7 +135,7 @@ class BPETokenizer:
             f.write(self._tok.to_str())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "BPETokenizer":
+    def load(cls, path: str | os.PathLike) -> BPETokenizer:
         """Read a JSON file written by :meth:`save`."""
         tk = _require_tokenizers()
         if not os.path.exists(path):
@@ -160,4 +164,3 @@ def get_tokenizer(name_or_path: str | os.PathLike = "byte"):
         f"unknown tokenizer {str(name_or_path)!r}: use 'byte' or the path of a JSON file "
         "written by BPETokenizer.save"
     )
-

@@ -1,7 +1,8 @@
-"""Training phases of the LM pipeline: pretrain, SFT, and the DPO family (optax + orbax).
+"""Training phases of the LM: pretrain, SFT, and the DPO family, on the one training loop.
 
 Every phase is one call ``phase(params, ..., cfg, *, ckpt_dir, resume, on_eval, ...)`` that
-returns a :class:`PhaseResult`. Common mechanics (:func:`run_phase`):
+returns a :class:`PhaseResult`. The phases run on :func:`ldjax.training.train_loop`;
+:func:`run_phase` supplies what is the LM's own:
 
 * Optimizer (:func:`make_optimizer`): ``clip_by_global_norm(grad_clip)`` then RMSprop (PyTorch's
   update: ν ← 0.99 ν + 0.01 g², Δθ = −η g / (√ν + 1e-8), the paper's optimizer), Adam or plain SGD,
@@ -12,9 +13,9 @@ returns a :class:`PhaseResult`. Common mechanics (:func:`run_phase`):
   n)`` with ``data_key, sample_key = split(PRNGKey(cfg.seed))``. On-policy sampling at step ``s``
   uses ``fold_in(sample_key, s)``. So the batch and the samples of a step depend only on
   (seed, step): a resumed run sees exactly the data of an uninterrupted one.
-* Checkpoints (``ckpt_dir``): an ``orbax.checkpoint.CheckpointManager`` with items ``state``
-  (params, optimizer state, rng; ``StandardSave``) and ``meta`` (step, config fingerprint,
-  history; ``JsonSave``), written every ``cfg.ckpt_every`` steps and at the end of the phase.
+* Checkpoints (``ckpt_dir``): the loop's orbax checkpoints (:mod:`ldjax.training.checkpoint`:
+  params, optimizer state and data key, with checksums; step, config fingerprint and history as
+  JSON), written every ``cfg.ckpt_every`` steps and at the end of the phase.
   ``resume=True`` restores the latest and continues; the final parameters are bit-identical to an
   uninterrupted run. A finished phase resumes to its result without training.
 * Hooks: ``on_eval(step, params)`` at step 0 (before any update, skipped when resuming), every
@@ -23,7 +24,7 @@ returns a :class:`PhaseResult`. Common mechanics (:func:`run_phase`):
   same step.
 * Every step's ``G_norm_sq`` = ‖G‖²_F, G = ∂L_batch/∂z the residual of the step's objective
   with respect to all logits of the batch (both branches for the DPO family); the probe tracker's
-  LBK proxy uses it (:mod:`ldjax.lm.tracking`).
+  LBK proxy uses it (:mod:`ldjax.experiments.lm.tracking`).
 
 Losses come from :mod:`ldjax.losses` only:
 
@@ -39,15 +40,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from pathlib import Path
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from ldjax import losses
 from ldjax.data.preferences import encode_field, encode_prompt
@@ -55,8 +54,13 @@ from ldjax.lm.config import PhaseConfig, PreferenceConfig, PretrainConfig, SFTCo
 from ldjax.lm.decode import generate
 from ldjax.lm.model import make_apply_fn
 from ldjax.lm.tokenizer import ByteTokenizer
+from ldjax.training.checkpoint import load_params, save_params
+from ldjax.training.loop import train_loop
 
 __all__ = [
+    "phase_keys",
+    "sft_objective",
+    "pair_objective",
     "PhaseResult",
     "lr_schedule",
     "make_optimizer",
@@ -89,6 +93,7 @@ class PhaseResult:
       resumed_from: the checkpoint step resumed from (None: fresh start).
       seconds: wall time of this call.
       last_batch: the host arrays of the last training batch (for inspection/tests).
+      opt_state: the optimizer's state after the last step run.
     """
 
     params: dict
@@ -96,9 +101,10 @@ class PhaseResult:
     total_steps: int
     step: int
     completed: bool
-    resumed_from: Optional[int]
+    resumed_from: int | None
     seconds: float
-    last_batch: Optional[dict] = None
+    last_batch: dict | None = None
+    opt_state: Any = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,9 +143,27 @@ def make_optimizer(cfg: PhaseConfig, total_steps: int) -> optax.GradientTransfor
     return opt
 
 
-def _keys(cfg: PhaseConfig):
+def phase_keys(cfg: PhaseConfig) -> tuple:
+    """``(data_key, sample_key)`` of a phase: its batches (:func:`batch_indices`) and on-policy
+    samples depend only on these and the step."""
     data_key, sample_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     return data_key, sample_key
+
+
+_keys = phase_keys
+
+
+def sft_objective(logits, targets, mask, ntok):
+    """One example's share of the SFT/pretraining objective ``Σ_n sft(z_n, y_n, m_n) / Σ mask``:
+    ``sft(z, y, m) / ntok`` (``ntok``: the batch's response tokens). Summed over the batch it is
+    the objective the phase's optimizer steps on, which :func:`ldjax.decompose` predicts."""
+    return losses.sft(logits, targets, mask) / ntok
+
+
+def pair_objective(logits_pos, logits_neg, *, loss: str, count, **kwargs):
+    """One pair's share of the DPO-family objective (the batch mean): ``losses.<loss>(...) /
+    count`` (``count``: the batch's pairs)."""
+    return losses.PAIRWISE[loss](logits_pos, logits_neg, **kwargs) / count
 
 
 @functools.lru_cache(maxsize=64)
@@ -155,7 +179,7 @@ def batch_indices(data_key: jax.Array, step: int, n: int, batch_size: int) -> np
         raise ValueError(f"{n} examples give no full batch of {batch_size}")
     epoch, b = divmod(int(step), per_epoch)
     order = _epoch_order(np.asarray(data_key, np.uint32).tobytes(), epoch, n)
-    return order[b * batch_size:(b + 1) * batch_size]
+    return order[b * batch_size : (b + 1) * batch_size]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +189,8 @@ def batch_indices(data_key: jax.Array, step: int, n: int, batch_size: int) -> np
 
 def encode_texts(tokenizer, texts: Sequence[str], max_len: int, *, eos: bool = True) -> dict:
     """Pretraining examples: each text becomes ``[BOS] + ids (+ [EOS] if eos)``, cut into windows
-    of ``max_len`` tokens overlapping by one token (so every token but BOS is a target exactly once).
+    of ``max_len`` tokens overlapping by one token (so every token but BOS is a target exactly
+    once).
 
     Returns ``tokens``, ``targets`` int32 and ``mask`` bool, ``(N_windows, max_len)``; ``mask`` is
     True wherever the target is a real token (not PAD).
@@ -178,12 +203,12 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int, *, eos: bool = T
             raise ValueError(f"texts[{i}] is a {type(t).__name__}, not a str")
         ids = [tokenizer.bos_id] + tokenizer.encode(t) + ([tokenizer.eos_id] if eos else [])
         for s in range(0, max(len(ids) - 1, 1), max_len - 1):
-            rows.append(ids[s:s + max_len])
+            rows.append(ids[s : s + max_len])
     if not rows:
         raise ValueError("no pretraining text")
     tokens = np.full((len(rows), max_len), tokenizer.pad_id, np.int32)
     for r, w in enumerate(rows):
-        tokens[r, :len(w)] = w
+        tokens[r, : len(w)] = w
     targets = np.full_like(tokens, tokenizer.pad_id)
     targets[:, :-1] = tokens[:, 1:]
     lengths = np.array([len(w) for w in rows])
@@ -191,8 +216,12 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int, *, eos: bool = T
     return {"tokens": tokens, "targets": targets, "mask": mask}
 
 
-def encode_ids(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-               max_len: int, pad_id: int = ByteTokenizer.pad_id) -> dict:
+def encode_ids(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    max_len: int,
+    pad_id: int = ByteTokenizer.pad_id,
+) -> dict:
     """Teacher-forcing arrays from token ids (e.g. decoded responses), the layout of
     :func:`ldjax.data.preferences.encode_example`: ``tokens = prompt_ids + response_ids`` (the
     prompt already starts with BOS; the response ends with EOS only if the model produced one),
@@ -207,17 +236,18 @@ def encode_ids(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Seque
         p = list(p)
         if not 1 <= len(p) < max_len:
             raise ValueError(f"prompt {i} has {len(p)} tokens; need 1 <= len < max_len={max_len}")
-        r = list(r)[:max_len - len(p)]
+        r = list(r)[: max_len - len(p)]
         seq = p + r
-        tokens[i, :len(seq)] = seq
-        mask[i, len(p) - 1:len(seq) - 1] = True
+        tokens[i, : len(seq)] = seq
+        mask[i, len(p) - 1 : len(seq) - 1] = True
     targets = np.full_like(tokens, pad_id)
     targets[:, :-1] = tokens[:, 1:]
     return {"tokens": tokens, "targets": targets, "mask": mask}
 
 
-def sft_examples(tokenizer, records: Sequence[dict], *, max_len: int, max_prompt_len: int,
-                 extend: bool = False) -> dict:
+def sft_examples(
+    tokenizer, records: Sequence[dict], *, max_len: int, max_prompt_len: int, extend: bool = False
+) -> dict:
     """SFT examples: (x, y⁺) for every record, plus (x, y⁻) when ``extend`` (the paper's remedy).
     ``(N or 2N, max_len)`` arrays from :func:`ldjax.data.preferences.encode_field`."""
     kw = dict(max_len=max_len, max_prompt_len=max_prompt_len)
@@ -231,8 +261,10 @@ def sft_examples(tokenizer, records: Sequence[dict], *, max_len: int, max_prompt
 def pair_examples(tokenizer, records: Sequence[dict], *, max_len: int, max_prompt_len: int):
     """``(pos, neg)``: the (x, y⁺) and (x, y⁻) arrays of every record, ``(N, max_len)`` each."""
     kw = dict(max_len=max_len, max_prompt_len=max_prompt_len)
-    return (encode_field(tokenizer, records, "chosen", **kw),
-            encode_field(tokenizer, records, "rejected", **kw))
+    return (
+        encode_field(tokenizer, records, "chosen", **kw),
+        encode_field(tokenizer, records, "rejected", **kw),
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -254,24 +286,43 @@ def sequence_logprobs(params, lm_config, data: dict, batch_size: int = 64) -> np
     n = data["tokens"].shape[0]
     out = []
     for s in range(0, n, batch_size):
-        chunk = {k: data[k][s:s + batch_size] for k in ("tokens", "targets", "mask")}
+        chunk = {k: data[k][s : s + batch_size] for k in ("tokens", "targets", "mask")}
         m = chunk["tokens"].shape[0]
         if m < batch_size and n > batch_size:
-            chunk = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - m, 0)]) for k, v in chunk.items()}
+            chunk = {
+                k: np.concatenate([v, np.repeat(v[-1:], batch_size - m, 0)])
+                for k, v in chunk.items()
+            }
         out.append(np.asarray(f(params, chunk["tokens"], chunk["targets"], chunk["mask"]))[:m])
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0,))
 
 
-def sample_responses(params, lm_config, prompt_ids: Sequence[Sequence[int]], key: jax.Array, *,
-                     max_new_tokens: int, temperature: float = 1.0, tokenizer=None) -> dict:
+def sample_responses(
+    params,
+    lm_config,
+    prompt_ids: Sequence[Sequence[int]],
+    key: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    tokenizer=None,
+) -> dict:
     """On-policy responses: ``y ~ π_θ(·|x)`` for each prompt (KV-cache
     :func:`ldjax.lm.decode.generate`, EOS kept when produced), encoded with :func:`encode_ids`.
     ``max_new_tokens`` is capped by the context left after the longest prompt."""
     tok = tokenizer or ByteTokenizer()
     room = lm_config.max_len - max(len(p) for p in prompt_ids)
-    new = generate(params, lm_config, [list(p) for p in prompt_ids], max(1, min(max_new_tokens, room)),
-                   temperature=temperature, key=key, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                   include_eos=True)
+    new = generate(
+        params,
+        lm_config,
+        [list(p) for p in prompt_ids],
+        max(1, min(max_new_tokens, room)),
+        temperature=temperature,
+        key=key,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        include_eos=True,
+    )
     return encode_ids(prompt_ids, new, lm_config.max_len, tok.pad_id)
 
 
@@ -282,15 +333,23 @@ def sample_responses(params, lm_config, prompt_ids: Sequence[Sequence[int]], key
 
 def _opt_key(cfg: PhaseConfig) -> PhaseConfig:
     """Only the fields that define the update rule: phases with equal ones share compiled steps."""
-    return PhaseConfig(optimizer=cfg.optimizer, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
-                       grad_clip=cfg.grad_clip, steps=1)
+    return PhaseConfig(
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        warmup=cfg.warmup,
+        schedule=cfg.schedule,
+        grad_clip=cfg.grad_clip,
+        steps=1,
+    )
 
 
 def _finish(tx, params, opt_state, grads, G, obj, aux, sched, count):
     gnorm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = dict(aux, loss=obj, grad_norm=gnorm, G_norm_sq=jnp.sum(jnp.square(G)), lr=sched(count))
+    metrics = dict(
+        aux, loss=obj, grad_norm=gnorm, G_norm_sq=jnp.sum(jnp.square(G)), lr=sched(count)
+    )
     return params, opt_state, metrics
 
 
@@ -302,7 +361,7 @@ def _lm_step(lm_config, cfg: PhaseConfig, total: int):
     tx = make_optimizer(cfg, total)
     sched = lr_schedule(cfg, total)
 
-    def objective(logits, batch):
+    def objective(logits, batch):  # Σ_n sft_objective(z_n, ...), summed before the division
         per = losses.sft(logits, batch["targets"], batch["mask"])  # (B,) = −log π(y|x)
         ntok = jnp.maximum(jnp.sum(batch["mask"]), 1)
         return jnp.sum(per) / ntok, {"seq_loss": jnp.mean(per), "tokens": ntok}
@@ -339,14 +398,26 @@ def _pair_step(lm_config, cfg: PhaseConfig, loss: str, hyper: tuple, total: int)
     def objective(logits, batch, ref_pos, ref_neg):
         b = batch["pos_tokens"].shape[0]
         zp, zn = logits[:b], logits[b:]
-        per = loss_fn(zp, zn, targets_pos=batch["pos_targets"], targets_neg=batch["neg_targets"],
-                      mask_pos=batch["pos_mask"], mask_neg=batch["neg_mask"],
-                      ref_logp_pos=ref_pos, ref_logp_neg=ref_neg, **hyper)
+        per = loss_fn(
+            zp,
+            zn,
+            targets_pos=batch["pos_targets"],
+            targets_neg=batch["neg_targets"],
+            mask_pos=batch["pos_mask"],
+            mask_neg=batch["neg_mask"],
+            ref_logp_pos=ref_pos,
+            ref_logp_neg=ref_neg,
+            **hyper,
+        )
         lp = losses.sequence_logprob(zp, batch["pos_targets"], batch["pos_mask"])
         ln = losses.sequence_logprob(zn, batch["neg_targets"], batch["neg_mask"])
         margin = (lp - ref_pos) - (ln - ref_neg)
-        aux = {"logp_pos": jnp.mean(lp), "logp_neg": jnp.mean(ln), "margin": jnp.mean(margin),
-               "acc": jnp.mean((margin > 0).astype(jnp.float32))}
+        aux = {
+            "logp_pos": jnp.mean(lp),
+            "logp_neg": jnp.mean(ln),
+            "margin": jnp.mean(margin),
+            "acc": jnp.mean((margin > 0).astype(jnp.float32)),
+        }
         return jnp.mean(per), aux
 
     @jax.jit
@@ -368,7 +439,7 @@ def _pair_step(lm_config, cfg: PhaseConfig, loss: str, hyper: tuple, total: int)
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# The phase runner (on the one training loop)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -378,58 +449,25 @@ def _lm_fingerprint(lm_config) -> dict:
     return d
 
 
-def _manager(ckpt_dir, max_to_keep: int = 2):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(Path(ckpt_dir).absolute(), options=options, item_names=("state", "meta"))
-
-
-def save_params(path, params, meta: Optional[dict] = None) -> None:
-    """Write parameters (and a JSON ``meta``) as a one-step orbax checkpoint under ``path``."""
-    import orbax.checkpoint as ocp
-
-    mngr = _manager(path, max_to_keep=1)
-    try:
-        mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
-                                             meta=ocp.args.JsonSave(meta or {})), force=True)
-        mngr.wait_until_finished()
-    finally:
-        mngr.close()
-
-
-def load_params(path, like) -> tuple:
-    """Read what :func:`save_params` wrote: ``(params, meta)``; ``like`` gives the structure."""
-    import orbax.checkpoint as ocp
-
-    if not Path(path).exists():
-        raise FileNotFoundError(f"no parameter checkpoint at {path}")
-    mngr = _manager(path, max_to_keep=1)
-    try:
-        step = mngr.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no parameter checkpoint at {path}")
-        r = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore({"params": like}), meta=ocp.args.JsonRestore()))
-    finally:
-        mngr.close()
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), r["state"]["params"]), r["meta"]
-
-
-# ----------------------------------------------------------------------------------------------
-# The generic loop
-# ----------------------------------------------------------------------------------------------
-
-
-def _host(tree):
-    return {k: float(v) for k, v in jax.device_get(tree).items()}
-
-
-def run_phase(name: str, cfg: PhaseConfig, n: int, params, step_fn: Callable, get_batch: Callable, *,
-              fingerprint: dict, ckpt_dir=None, resume: bool = False,
-              on_eval: Optional[Callable] = None, on_step: Optional[Callable] = None,
-              stop_at: Optional[int] = None, progress: bool = True, max_to_keep: int = 2) -> PhaseResult:
-    """The loop shared by all phases (module docstring).
+def run_phase(
+    name: str,
+    cfg: PhaseConfig,
+    n: int,
+    params,
+    step_fn: Callable,
+    get_batch: Callable,
+    *,
+    fingerprint: dict,
+    ckpt_dir=None,
+    resume: bool = False,
+    resume_older: bool = False,
+    on_eval: Callable | None = None,
+    on_step: Callable | None = None,
+    stop_at: int | None = None,
+    progress: bool = True,
+    max_to_keep: int = 2,
+) -> PhaseResult:
+    """One phase on :func:`ldjax.training.train_loop` (module docstring).
 
     Args:
       name: phase name (progress bar, errors).
@@ -438,105 +476,57 @@ def run_phase(name: str, cfg: PhaseConfig, n: int, params, step_fn: Callable, ge
       step_fn: ``(params, opt_state, batch, count) -> (params, opt_state, metrics)``.
       get_batch: ``(indices (B,), step, params, sample_key) -> batch`` (host arrays).
       fingerprint: JSON-able description of everything that must match to resume.
-      ckpt_dir: orbax folder (None: no checkpoints); ``resume``: continue from its latest step.
-      on_eval, on_step: hooks (module docstring).
+      ckpt_dir: orbax folder (None: no checkpoints); ``resume``: continue from its latest step
+        (a damaged one is an error); ``resume_older``: fall back to the newest older step that
+        passes its checks, saying so (:func:`ldjax.training.train_loop`).
+      on_eval: ``on_eval(step, params)``; on_step: ``on_step(step, metrics)``, ``step`` = updates
+        done.
       stop_at: stop after this many updates (a checkpoint is written there); resume later.
     """
-    t0 = time.time()
     total = cfg.total_steps(n)
     tx = make_optimizer(cfg, total)
-    opt_state = tx.init(params)
     data_key, sample_key = _keys(cfg)
-    history = {"step": []}
-    start, resumed_from = 0, None
-    fingerprint = dict(fingerprint, phase=name, n=int(n), total_steps=int(total),
-                       config=dataclasses.asdict(cfg))
-    fingerprint = _jsonable(fingerprint)
-    if resume and ckpt_dir is None:
-        raise ValueError(f"{name}: resume=True needs ckpt_dir")
-    mngr = None
-    if ckpt_dir is not None:
-        import orbax.checkpoint as ocp
+    fingerprint = dict(fingerprint, phase=name, n=int(n), config=dataclasses.asdict(cfg))
 
-        mngr = _manager(ckpt_dir, max_to_keep)
-        latest = mngr.latest_step()
-        if latest is not None and not resume:
-            mngr.close()
-            raise ValueError(f"{ckpt_dir} already holds {name} checkpoints (latest step {latest}); "
-                             "pass resume=True (--resume) or use an empty folder")
-        if latest is not None:
-            target = {"params": params, "opt_state": opt_state, "rng": data_key}
-            r = mngr.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-            saved = r["meta"]["fingerprint"]
-            if saved != fingerprint:
-                diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
-                mngr.close()
-                raise ValueError(f"{ckpt_dir}: the {name} checkpoint was written with another "
-                                 f"configuration (field: (saved, now)) {diff}")
-            # restored arrays are "committed" to a device, fresh ones are not: move them back to
-            # plain uncommitted arrays so the jitted step is not compiled a second time.
-            st = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), r["state"])
-            params, opt_state, data_key = st["params"], st["opt_state"], st["rng"]
-            history = r["meta"]["history"]
-            start = resumed_from = int(r["meta"]["step"])
+    def batch_fn(s, params):
+        return get_batch(batch_indices(data_key, s, n, cfg.batch_size), s, params, sample_key)
 
-    def save(step):
-        if mngr is None:
-            return
-        import orbax.checkpoint as ocp
-
-        meta = {"step": step, "fingerprint": fingerprint, "history": history}
-        mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "rng": data_key}),
-            meta=ocp.args.JsonSave(meta)), force=True)
-
-    batch = None
-    step = start
-    bar = tqdm(total=total, initial=start, disable=not progress, desc=name, unit="step",
-               mininterval=2.0)
-    try:
-        if start == 0 and on_eval is not None:
-            on_eval(0, params)
-        end = total if stop_at is None else min(total, max(int(stop_at), start))
-        for s in range(start, end):
-            idx = batch_indices(data_key, s, n, cfg.batch_size)
-            batch = get_batch(idx, s, params, sample_key)
-            params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.asarray(s))
-            metrics = _host(metrics)
-            step = s + 1
-            history["step"].append(step)
-            for k, v in metrics.items():
-                history.setdefault(k, []).append(v)
-            if on_step is not None:
-                on_step(step, metrics)
-            bar.update(1)
-            if step % 5 == 0 or step == end:
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if on_eval is not None and (step % cfg.eval_every == 0 or step == total):
-                on_eval(step, params)
-            if step % cfg.ckpt_every == 0 or step == total or step == end:
-                save(step)
-    finally:
-        bar.close()
-        if mngr is not None:
-            mngr.wait_until_finished()
-            mngr.close()
-    return PhaseResult(params, history, total, step, step == total, resumed_from, time.time() - t0,
-                       None if batch is None else {k: np.asarray(v) for k, v in batch.items()
-                                                   if not isinstance(v, (list, tuple))})
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    return x
+    hook = (
+        None
+        if on_step is None
+        else (lambda s, before, batch, after, metrics, state: on_step(s + 1, metrics))
+    )
+    r = train_loop(
+        step_fn,
+        params,
+        tx.init(params),
+        batch_fn,
+        total_steps=total,
+        name=name,
+        extra={"rng": data_key},
+        fingerprint=fingerprint,
+        checkpoint_dir=ckpt_dir,
+        checkpoint_every=cfg.ckpt_every,
+        max_to_keep=max_to_keep,
+        resume=resume,
+        resume_older=resume_older,
+        eval_every=cfg.eval_every,
+        on_step=hook,
+        on_eval=on_eval,
+        stop_at=stop_at,
+        progress=progress,
+    )
+    return PhaseResult(
+        r.params,
+        r.history,
+        r.total_steps,
+        r.step,
+        r.completed,
+        r.resumed_from,
+        r.seconds,
+        r.last_batch,
+        r.opt_state,
+    )
 
 
 def _check_data(data: dict, lm_config, what: str) -> dict:
@@ -545,7 +535,9 @@ def _check_data(data: dict, lm_config, what: str) -> dict:
             raise ValueError(f"{what}: missing array {k!r}")
     t = np.asarray(data["tokens"])
     if t.ndim != 2 or t.shape[1] > lm_config.max_len:
-        raise ValueError(f"{what}: tokens must be (N, T) with T <= max_len={lm_config.max_len}, got {t.shape}")
+        raise ValueError(
+            f"{what}: tokens must be (N, T) with T <= max_len={lm_config.max_len}, got {t.shape}"
+        )
     for k in ("targets", "mask"):
         if np.shape(data[k]) != t.shape:
             raise ValueError(f"{what}: {k} has shape {np.shape(data[k])}, tokens {t.shape}")
@@ -567,13 +559,34 @@ def _lm_phase(name, params, lm_config, data, cfg, **kw) -> PhaseResult:
     def get_batch(idx, s, params, key):
         return {k: v[idx] for k, v in data.items()}
 
-    return run_phase(name, cfg, n, params, step, get_batch,
-                     fingerprint={"model": _lm_fingerprint(lm_config)}, **kw)
+    return run_phase(
+        name,
+        cfg,
+        n,
+        params,
+        step,
+        get_batch,
+        fingerprint={"model": _lm_fingerprint(lm_config)},
+        **kw,
+    )
 
 
-def pretrain(params, lm_config, texts: Sequence[str] | dict, cfg: PretrainConfig = PretrainConfig(),
-             *, tokenizer=None, eos: bool = True, ckpt_dir=None, resume: bool = False, on_eval=None, on_step=None,
-             stop_at: Optional[int] = None, progress: bool = True) -> PhaseResult:
+def pretrain(
+    params,
+    lm_config,
+    texts: Sequence[str] | dict,
+    cfg: PretrainConfig = PretrainConfig(),
+    *,
+    tokenizer=None,
+    eos: bool = True,
+    ckpt_dir=None,
+    resume: bool = False,
+    resume_older: bool = False,
+    on_eval=None,
+    on_step=None,
+    stop_at: int | None = None,
+    progress: bool = True,
+) -> PhaseResult:
     """Next-token pretraining, the token mean of ``ldjax.losses.sft`` over every real token.
 
     ``texts``: a list of documents (encoded by :func:`encode_texts`: windows of ``max_len`` with
@@ -584,16 +597,43 @@ def pretrain(params, lm_config, texts: Sequence[str] | dict, cfg: PretrainConfig
     and prompt + rejected, as dialogues ending in EOS).
     Other arguments: :func:`run_phase`.
     """
-    data = texts if isinstance(texts, dict) else encode_texts(tokenizer or ByteTokenizer(), texts,
-                                                                lm_config.max_len, eos=eos)
-    return _lm_phase("pretrain", params, lm_config, data, cfg, ckpt_dir=ckpt_dir, resume=resume,
-                     on_eval=on_eval, on_step=on_step, stop_at=stop_at, progress=progress)
+    data = (
+        texts
+        if isinstance(texts, dict)
+        else encode_texts(tokenizer or ByteTokenizer(), texts, lm_config.max_len, eos=eos)
+    )
+    return _lm_phase(
+        "pretrain",
+        params,
+        lm_config,
+        data,
+        cfg,
+        ckpt_dir=ckpt_dir,
+        resume=resume,
+        resume_older=resume_older,
+        on_eval=on_eval,
+        on_step=on_step,
+        stop_at=stop_at,
+        progress=progress,
+    )
 
 
-def sft(params, lm_config, records: Sequence[dict] | dict, cfg: SFTConfig = SFTConfig(), *,
-        max_prompt_len: int = 128, tokenizer=None, ckpt_dir=None, resume: bool = False,
-        on_eval=None, on_step=None, stop_at: Optional[int] = None,
-        progress: bool = True) -> PhaseResult:
+def sft(
+    params,
+    lm_config,
+    records: Sequence[dict] | dict,
+    cfg: SFTConfig = SFTConfig(),
+    *,
+    max_prompt_len: int = 128,
+    tokenizer=None,
+    ckpt_dir=None,
+    resume: bool = False,
+    resume_older: bool = False,
+    on_eval=None,
+    on_step=None,
+    stop_at: int | None = None,
+    progress: bool = True,
+) -> PhaseResult:
     """Supervised finetuning on responses only: token mean of ``ldjax.losses.sft(z, y, mask)``,
     the mask selecting the positions that predict response tokens (incl. EOS).
 
@@ -603,34 +643,65 @@ def sft(params, lm_config, records: Sequence[dict] | dict, cfg: SFTConfig = SFTC
     if isinstance(records, dict):
         data = records
     else:
-        data = sft_examples(tokenizer or ByteTokenizer(), records, max_len=lm_config.max_len,
-                            max_prompt_len=max_prompt_len, extend=cfg.extend)
-    return _lm_phase("sft-extend" if cfg.extend else "sft", params, lm_config, data, cfg,
-                     ckpt_dir=ckpt_dir, resume=resume, on_eval=on_eval, on_step=on_step,
-                     stop_at=stop_at, progress=progress)
+        data = sft_examples(
+            tokenizer or ByteTokenizer(),
+            records,
+            max_len=lm_config.max_len,
+            max_prompt_len=max_prompt_len,
+            extend=cfg.extend,
+        )
+    return _lm_phase(
+        "sft-extend" if cfg.extend else "sft",
+        params,
+        lm_config,
+        data,
+        cfg,
+        ckpt_dir=ckpt_dir,
+        resume=resume,
+        resume_older=resume_older,
+        on_eval=on_eval,
+        on_step=on_step,
+        stop_at=stop_at,
+        progress=progress,
+    )
 
 
-def preference(params, ref_params, lm_config, records: Sequence[dict],
-               cfg: PreferenceConfig = PreferenceConfig(), *, max_prompt_len: int = 128,
-               tokenizer=None, ckpt_dir=None, resume: bool = False, on_eval=None, on_step=None,
-               stop_at: Optional[int] = None, progress: bool = True) -> PhaseResult:
+def preference(
+    params,
+    ref_params,
+    lm_config,
+    records: Sequence[dict],
+    cfg: PreferenceConfig = PreferenceConfig(),
+    *,
+    max_prompt_len: int = 128,
+    tokenizer=None,
+    ckpt_dir=None,
+    resume: bool = False,
+    resume_older: bool = False,
+    on_eval=None,
+    on_step=None,
+    stop_at: int | None = None,
+    progress: bool = True,
+) -> PhaseResult:
     """DPO / IPO / SLiC / SPPO (``cfg.loss``) against the frozen reference ``ref_params``.
 
-    Off-policy (default): pairs (x, y⁺, y⁻) from ``records`` (the first ``cfg.n_pairs`` if set); with ``cfg.ref_logp="dataset"`` the
-    reference log-probs of all pairs are computed once before training, else per batch.
-    On-policy (``cfg.on_policy``, SPIN-style): at every step y⁻ is sampled from the current policy
-    at temperature ``cfg.temperature`` (:func:`sample_responses`, key ``fold_in(sample_key, step)``),
-    y⁺ stays the dataset's chosen, and both reference log-probs are computed for the batch.
-    The objective is the batch mean of ``ldjax.losses.<cfg.loss>``.
+    Off-policy (default): pairs (x, y⁺, y⁻) from ``records`` (the first ``cfg.n_pairs`` if set);
+    with ``cfg.ref_logp="dataset"`` the reference log-probs of all pairs are computed once before
+    training, else per batch. On-policy (``cfg.on_policy``, SPIN-style): at every step y⁻ is
+    sampled from the current policy at temperature ``cfg.temperature`` (:func:`sample_responses`,
+    key ``fold_in(sample_key, step)``), y⁺ stays the dataset's chosen, and both reference log-probs
+    are computed for the batch. The objective is the batch mean of ``ldjax.losses.<cfg.loss>``.
     """
     tok = tokenizer or ByteTokenizer()
     records = list(records)
     if cfg.n_pairs is not None:
-        records = records[:cfg.n_pairs]
+        records = records[: cfg.n_pairs]
     pos, neg = pair_examples(tok, records, max_len=lm_config.max_len, max_prompt_len=max_prompt_len)
     n = pos["tokens"].shape[0]
     total = cfg.total_steps(n)
-    step_fn = _pair_step(lm_config, _opt_key(cfg), cfg.loss, tuple(sorted(_pair_kwargs(cfg).items())), total)
+    step_fn = _pair_step(
+        lm_config, _opt_key(cfg), cfg.loss, tuple(sorted(_pair_kwargs(cfg).items())), total
+    )
     per_batch_ref = cfg.on_policy or cfg.ref_logp == "batch"
     ref_pos = ref_neg = None
     if not per_batch_ref:
@@ -641,9 +712,15 @@ def preference(params, ref_params, lm_config, records: Sequence[dict],
     def get_batch(idx, s, params, sample_key):
         b = {f"pos_{k}": pos[k][idx] for k in ("tokens", "targets", "mask")}
         if cfg.on_policy:
-            smp = sample_responses(params, lm_config, [prompts[i] for i in idx],
-                                   jax.random.fold_in(sample_key, s), max_new_tokens=cfg.max_new_tokens,
-                                   temperature=cfg.temperature, tokenizer=tok)
+            smp = sample_responses(
+                params,
+                lm_config,
+                [prompts[i] for i in idx],
+                jax.random.fold_in(sample_key, s),
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                tokenizer=tok,
+            )
         else:
             smp = {k: neg[k][idx] for k in ("tokens", "targets", "mask")}
         b.update({f"neg_{k}": v for k, v in smp.items()})
@@ -655,7 +732,19 @@ def preference(params, ref_params, lm_config, records: Sequence[dict],
         return step_fn(params, opt_state, batch, count, ref_params if per_batch_ref else None)
 
     name = f"{cfg.loss}{'-onpolicy' if cfg.on_policy else ''}"
-    return run_phase(name, cfg, n, params, step, get_batch,
-                     fingerprint={"model": _lm_fingerprint(lm_config)}, ckpt_dir=ckpt_dir,
-                     resume=resume, on_eval=on_eval, on_step=on_step, stop_at=stop_at,
-                     progress=progress)
+    return run_phase(
+        name,
+        cfg,
+        n,
+        params,
+        step,
+        get_batch,
+        fingerprint={"model": _lm_fingerprint(lm_config)},
+        ckpt_dir=ckpt_dir,
+        resume=resume,
+        resume_older=resume_older,
+        on_eval=on_eval,
+        on_step=on_step,
+        stop_at=stop_at,
+        progress=progress,
+    )

@@ -1,4 +1,5 @@
-"""Flax (linen) classifiers for the MNIST warm-up, wrapped as pure ``apply_fn(params, x) -> logits``.
+"""Flax (linen) classifiers for the MNIST warm-up, wrapped as pure
+``apply_fn(params, x) -> logits``.
 
 Inputs are ``float32 (N, 28, 28, 1)`` pixels in [0, 1] (``ldjax.data.mnist.to_float``); outputs
 are logits ``z = h_theta(x)`` of shape ``(N, 10)`` (the paper's ``V = 10`` classes).
@@ -7,7 +8,7 @@ are logits ``z = h_theta(x)`` of shape ``(N, 10)`` (the paper's ``V = 10`` class
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -73,16 +74,19 @@ def _param_shapes(model: nn.Module, input_shape: tuple):
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
 
 
-def init_params(model: nn.Module, key: jax.Array, input_shape=INPUT_SHAPE, *, scheme: str = "torch"):
+def init_params(
+    model: nn.Module, key: jax.Array, input_shape=INPUT_SHAPE, *, scheme: str = "torch"
+):
     """The ``'params'`` collection of ``model`` for inputs ``(N, *input_shape)``.
 
     Schemes:
       ``"torch"`` (default): PyTorch's default for ``nn.Conv2d`` / ``nn.Linear`` (the paper's
-        experiments are in PyTorch; its MNIST code is not public): every kernel and bias of a layer ~ ``U(-1/sqrt(fan_in),
-        1/sqrt(fan_in))`` with ``fan_in = prod(kernel.shape[:-1])`` (in_features, or
-        kh*kw*in_channels). All values come from one ``jax.random.uniform`` draw of length
-        ``param_count`` cut in ``tree_leaves`` order, so it compiles once and fast on CPU.
+        experiments are in PyTorch; its MNIST code is not public): every kernel and bias of a
+        layer ~ ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in = prod(kernel.shape[:-1])``
+        (in_features, or kh*kw*in_channels). All values come from one ``jax.random.uniform`` draw of
+        length ``param_count`` cut in ``tree_leaves`` order, so it compiles once and fast on CPU.
         Needs every layer to hold a ``kernel`` (true for :class:`LeNet` and :class:`MLP`).
+
       ``"flax"``: ``model.init`` (flax defaults: LeCun-normal kernels, zero biases).
     """
     shape = tuple(int(d) for d in input_shape)

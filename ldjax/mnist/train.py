@@ -6,23 +6,25 @@ cosine schedule, batch 64, 100 epochs. :class:`TrainConfig` holds exactly these 
 Optimizer (``make_optimizer``), the same update as PyTorch's ``SGD(lr, momentum, weight_decay)``
 with dampening 0, stepped with a per-step cosine schedule:
 
-    g_t   = grad L(theta_t) + wd * theta_t          (optax.add_decayed_weights, all params incl. biases)
+    g_t   = grad L(theta_t) + wd * theta_t          (optax.add_decayed_weights, all params
+    incl. biases)
     m_t   = momentum * m_{t-1} + g_t,  m_{-1} = 0   (optax.sgd's trace)
     eta_t = lr * (1 + cos(pi * t / T)) / 2,  t = 0..T-1, T = epochs * steps_per_epoch
     theta_{t+1} = theta_t - eta_t * m_t
 
 The loss is the mean softmax cross-entropy of the batch, ``L = -mean_i log pi(y_i | x_i)``.
-Initialisation: ``init_params(..., scheme=config.init)`` from ``init_key``; default "torch" (PyTorch's
-default, U(+-1/sqrt(fan_in)) per layer), "flax" for flax's defaults.
+Initialisation: ``init_params(..., scheme=config.init)`` from ``init_key``; default "torch"
+(PyTorch's default, U(+-1/sqrt(fan_in)) per layer), "flax" for flax's defaults.
 
 Batching: the first ``n_train`` rows of the given arrays are used; each epoch ``e`` (0-based)
 visits them in the order ``jax.random.permutation(fold_in(data_key, e), n)`` where
 ``init_key, data_key = jax.random.split(PRNGKey(seed))``; the last, smaller batch is kept
 (``drop_last=False``, like PyTorch's DataLoader), so an epoch has ``ceil(n / batch_size)`` steps.
 
-Checkpoints: with ``ckpt_dir``, an orbax checkpoint is written after every epoch (step number =
-epochs completed) holding params, opt_state, the data key, the config and the history. With
-``resume=True`` training continues from the latest one and ends bit-identical to an
+Training runs on the one loop of ldjax (:func:`ldjax.training.train_loop`). Checkpoints: with
+``ckpt_dir``, an orbax checkpoint (:mod:`ldjax.training.checkpoint`) is written after every epoch
+(named by epochs completed) holding params, opt_state, the data key, the config and the history.
+With ``resume=True`` training continues from the latest one and ends bit-identical to an
 uninterrupted run (same config required).
 """
 
@@ -30,21 +32,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from ldjax.data.mnist import to_float
 from ldjax.mnist.models import INPUT_SHAPE, apply_fn, init_params, make_model
+from ldjax.training.config import Config
+from ldjax.training.loop import train_loop
 
 __all__ = [
     "TrainConfig",
+    "PAPER",
+    "QUICK",
+    "PRESETS",
     "make_optimizer",
     "steps_per_epoch",
     "initial_params",
@@ -57,7 +63,7 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """The training recipe; the defaults are the paper's (Figure 1)."""
 
     model: str = "lenet"  # "lenet" | "mlp"
@@ -84,6 +90,15 @@ class TrainConfig:
             raise ValueError(f"n_train must be >= 1 or None, got {self.n_train}")
 
 
+PAPER = TrainConfig()
+"""The paper's recipe (Figure 1): LeNet, 2,000 digits, 100 epochs, SGD lr 1e-3, momentum 0.9."""
+
+QUICK = TrainConfig(n_train=800, epochs=5, lr=0.1)
+"""A smoke run: 5 epochs at peak lr 0.1 on 800 digits (about a minute on 2 CPU cores)."""
+
+PRESETS = {"paper": PAPER, "quick": QUICK}
+
+
 def steps_per_epoch(config: TrainConfig, n: int) -> int:
     """Updates per epoch for ``n`` training rows: ``ceil(n / B)`` (``floor`` with drop_last)."""
     steps = n // config.batch_size if config.drop_last else math.ceil(n / config.batch_size)
@@ -94,15 +109,17 @@ def steps_per_epoch(config: TrainConfig, n: int) -> int:
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """``chain(add_decayed_weights(wd), sgd(schedule, momentum))`` (module docstring formula)."""
-    total = config.epochs * steps_per_epoch
-    if config.schedule == "cosine":
-        sched = optax.cosine_decay_schedule(config.lr, decay_steps=total)
-    else:
-        sched = optax.constant_schedule(config.lr)
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(sched, momentum=config.momentum or None),
+        optax.sgd(_schedule(config, steps_per_epoch), momentum=config.momentum or None),
     )
+
+
+def _schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """eta_t: cosine decay to 0 over all updates, or constant."""
+    if config.schedule == "cosine":
+        return optax.cosine_decay_schedule(config.lr, decay_steps=config.epochs * steps_per_epoch)
+    return optax.constant_schedule(config.lr)
 
 
 def _keys(config: TrainConfig):
@@ -142,7 +159,9 @@ def prepare(images, labels, n: int | None = None, num_classes: int = 10):
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers, got {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}"
+        )
     if n is not None:
         if n > x.shape[0]:
             raise ValueError(f"n_train={n} but only {x.shape[0]} rows were given")
@@ -159,33 +178,39 @@ def loss_and_acc(f: Callable, params, x, y):
 
 @functools.lru_cache(maxsize=16)
 def _train_step(config: TrainConfig, spe: int):
-    """Jitted ``(params, opt_state, xb, yb) -> (params, opt_state, loss, acc)``, cached per
-    recipe so repeated :func:`train` calls (resume, tests) compile once."""
+    """Jitted ``(params, opt_state, batch, s) -> (params, opt_state, metrics)`` (the loop's step
+    function), cached per recipe so repeated :func:`train` calls (resume, tests) compile once."""
     f = apply_fn(make_model(config.model))
     tx = make_optimizer(config, spe)
+    sched = _schedule(config, spe)
 
     @jax.jit
-    def train_step(params, opt_state, xb, yb):
-        (loss, acc), g = jax.value_and_grad(lambda p: loss_and_acc(f, p, xb, yb), has_aux=True)(
-            params
-        )
+    def train_step(params, opt_state, batch, s):
+        (loss, acc), g = jax.value_and_grad(
+            lambda p: loss_and_acc(f, p, batch["x"], batch["y"]), has_aux=True
+        )(params)
         updates, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, acc
+        return (
+            optax.apply_updates(params, updates),
+            opt_state,
+            {"loss": loss, "acc": acc, "lr": sched(s)},
+        )
 
     return train_step
 
 
-def _empty_history():
-    return {"epoch": [], "loss": [], "acc": [], "lr": [], "step_loss": []}
-
-
-def _checkpoint_manager(ckpt_dir, max_to_keep):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(
-        Path(ckpt_dir).absolute(), options=options, item_names=("state", "meta")
-    )
+def _epoch_history(history: dict, spe: int) -> dict:
+    """Per-epoch means of the loop's per-update history (``loss``, ``acc``; ``lr`` of the epoch's
+    last update) and every update's loss."""
+    loss, acc, lr = history.get("loss", []), history.get("acc", []), history.get("lr", [])
+    n = len(loss) // spe
+    return {
+        "epoch": list(range(1, n + 1)),
+        "loss": [float(np.mean(loss[e * spe : (e + 1) * spe])) for e in range(n)],
+        "acc": [float(np.mean(acc[e * spe : (e + 1) * spe])) for e in range(n)],
+        "lr": [float(lr[(e + 1) * spe - 1]) for e in range(n)],
+        "step_loss": [float(v) for v in loss[: n * spe]],
+    }
 
 
 def train(
@@ -195,26 +220,31 @@ def train(
     *,
     ckpt_dir=None,
     resume: bool = False,
+    resume_older: bool = False,
     max_to_keep: int | None = None,
     on_step: Callable | None = None,
     on_epoch: Callable | None = None,
     progress: bool = True,
 ):
-    """Train ``config.model`` on ``(images, labels)``.
+    """Train ``config.model`` on ``(images, labels)`` with :func:`ldjax.training.train_loop`.
 
     Args:
       config: the recipe (:class:`TrainConfig`).
       images: ``uint8 (N, 28, 28)`` or ``float32 (N, 28, 28, 1)``; labels ``int (N,)``.
-      ckpt_dir: folder for orbax checkpoints, one per epoch (step = epochs completed).
+      ckpt_dir: folder for orbax checkpoints, one per epoch (named by epochs completed).
       resume: continue from the latest checkpoint in ``ckpt_dir`` (start fresh if none). Without
-        it, a ``ckpt_dir`` that already holds checkpoints is an error.
+        it, a ``ckpt_dir`` that already holds checkpoints is an error. A damaged latest
+        checkpoint is an error too, unless ``resume_older``: then the newest older checkpoint that
+        passes its checks is used, and said so on stderr.
       max_to_keep: keep only the newest this many checkpoints (None keeps all).
-      on_step: ``on_step(step, params_before, batch_x, batch_y, params_after)`` after each update;
+      on_step: ``on_step(step, params_before, batch_x, batch_y, params_after)`` after each update
+        (with a keyword ``opt_state`` in its signature, also the optimizer state the update
+        started from, for optimizer-aware predictions);
         ``step`` is the 0-based global index of the update, ``batch_x (B, 28, 28, 1)``,
         ``batch_y (B,)``.
       on_epoch: ``on_epoch(epoch, params)`` after each epoch's checkpoint; ``epoch`` = epochs
         completed (1-based).
-      progress: show a tqdm bar over epochs.
+      progress: show a progress bar.
 
     Returns:
       ``(params, history)``; ``history`` has per-epoch lists ``epoch``, ``loss`` and ``acc``
@@ -222,108 +252,46 @@ def train(
       step) and the per-step list ``step_loss``.
     """
     x, y = prepare(images, labels, config.n_train)
-    model = make_model(config.model)
     n = x.shape[0]
     spe = steps_per_epoch(config, n)
     tx = make_optimizer(config, spe)
     init_key, data_key = _keys(config)
-    params = init_params(model, init_key, x.shape[1:], scheme=config.init)
-    opt_state = tx.init(params)
-    history = _empty_history()
-    start_epoch = 0
-    sched_lr = (
-        optax.cosine_decay_schedule(config.lr, config.epochs * spe)
-        if config.schedule == "cosine"
-        else (lambda t: config.lr)
+    params = init_params(make_model(config.model), init_key, x.shape[1:], scheme=config.init)
+    step = _train_step(config, spe)
+
+    def batch_fn(s, _params):
+        epoch, b = divmod(s, spe)
+        idx = epoch_order(data_key, epoch, n)[b * config.batch_size : (b + 1) * config.batch_size]
+        return {"x": x[idx], "y": y[idx]}
+
+    wants_state = on_step is not None and "opt_state" in inspect.signature(on_step).parameters
+
+    def hook(s, before, batch, after, _metrics, state):
+        if wants_state:
+            on_step(s, before, batch["x"], batch["y"], after, opt_state=state)
+        else:
+            on_step(s, before, batch["x"], batch["y"], after)
+
+    res = train_loop(
+        step,
+        params,
+        tx.init(params),
+        batch_fn,
+        total_steps=config.epochs * spe,
+        name=f"{config.model} n={n}",
+        extra={"rng": data_key},
+        fingerprint={"config": dataclasses.asdict(config)},
+        checkpoint_dir=ckpt_dir,
+        checkpoint_every=spe,
+        checkpoint_label=lambda s: s // spe,
+        max_to_keep=max_to_keep,
+        resume=resume,
+        resume_older=resume_older,
+        on_step=None if on_step is None else hook,
+        on_checkpoint=None if on_epoch is None else (lambda s, p: on_epoch(s // spe, p)),
+        progress=progress,
     )
-
-    if resume and ckpt_dir is None:
-        raise ValueError("resume=True needs ckpt_dir")
-    mngr = None
-    if ckpt_dir is not None:
-        import orbax.checkpoint as ocp
-
-        mngr = _checkpoint_manager(ckpt_dir, max_to_keep)
-        latest = mngr.latest_step()
-        if latest is not None and not resume:
-            mngr.close()
-            raise ValueError(
-                f"{ckpt_dir} already holds checkpoints (latest epoch {latest}); pass resume=True "
-                "or use an empty folder"
-            )
-        if latest is not None:
-            target = {"params": params, "opt_state": opt_state, "rng": data_key}
-            restored = mngr.restore(
-                latest,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-                ),
-            )
-            saved_cfg = restored["meta"]["config"]
-            now_cfg = dataclasses.asdict(config)
-            diff = {k: (saved_cfg.get(k), v) for k, v in now_cfg.items() if saved_cfg.get(k) != v}
-            if diff:
-                mngr.close()
-                raise ValueError(
-                    f"{ckpt_dir}: checkpoint was written with a different config "
-                    f"(field: (saved, now)) {diff}"
-                )
-            st = restored["state"]
-            params, opt_state, data_key = st["params"], st["opt_state"], st["rng"]
-            history = restored["meta"]["history"]
-            start_epoch = int(restored["meta"]["epoch"])
-
-    train_step = _train_step(config, spe)
-
-    bar = tqdm(
-        total=config.epochs,
-        initial=start_epoch,
-        disable=not progress,
-        desc=f"{config.model} n={n}",
-        unit="epoch",
-    )
-    try:
-        for epoch in range(start_epoch, config.epochs):
-            order = epoch_order(data_key, epoch, n)
-            losses, accs = [], []
-            for b in range(spe):
-                idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-                xb, yb = x[idx], y[idx]
-                new_params, opt_state, loss, acc = train_step(params, opt_state, xb, yb)
-                if on_step is not None:
-                    on_step(epoch * spe + b, params, xb, yb, new_params)
-                params = new_params
-                losses.append(loss)
-                accs.append(acc)
-            step_loss = [float(v) for v in np.asarray(jnp.stack(losses))]
-            history["epoch"].append(epoch + 1)
-            history["loss"].append(float(np.mean(step_loss)))
-            history["acc"].append(float(np.mean(np.asarray(jnp.stack(accs)))))
-            history["lr"].append(float(sched_lr((epoch + 1) * spe - 1)))
-            history["step_loss"].extend(step_loss)
-            if mngr is not None:
-                state = {"params": params, "opt_state": opt_state, "rng": data_key}
-                meta = {
-                    "epoch": epoch + 1,
-                    "config": dataclasses.asdict(config),
-                    "history": history,
-                }
-                mngr.save(
-                    epoch + 1,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-                    ),
-                )
-            bar.update(1)
-            bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", acc=f"{history['acc'][-1]:.3f}")
-            if on_epoch is not None:
-                on_epoch(epoch + 1, params)
-    finally:
-        bar.close()
-        if mngr is not None:
-            mngr.wait_until_finished()
-            mngr.close()
-    return params, history
+    return res.params, _epoch_history(res.history, spe)
 
 
 def _eval_sums(model, params, x, y):

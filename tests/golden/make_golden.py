@@ -31,15 +31,15 @@ d f(x2_b)[x2, y2]/dθ>``. Hence:
 
 So no transpose is needed; the script asserts this (``NT_TO_LDJAX`` is the identity permutation).
 """
+
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
 
-import numpy as np
-
 import jax
+import numpy as np
 
 jax.config.update("jax_enable_x64", True)
 
@@ -52,7 +52,9 @@ TOL = 1e-10
 
 
 def load_zoo():
-    spec = importlib.util.spec_from_file_location("ldjax_zoo_peer", os.path.join(ROOT, "ldjax", "zoo.py"))
+    spec = importlib.util.spec_from_file_location(
+        "ldjax_zoo_peer", os.path.join(ROOT, "ldjax", "zoo.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -101,8 +103,8 @@ def jacrev_K(apply, params, x_o, x_u):
     out_nd = apply(params, x_o).ndim - 1  # non-batch output axes (1 or 2)
 
     def contract(a, b):
-        a = a.reshape(a.shape[:1 + out_nd] + (-1,))
-        b = b.reshape(b.shape[:1 + out_nd] + (-1,))
+        a = a.reshape(a.shape[: 1 + out_nd] + (-1,))
+        b = b.reshape(b.shape[: 1 + out_nd] + (-1,))
         if out_nd == 1:
             return jnp.einsum("oip,ujp->ouij", a, b)
         return jnp.einsum("omip,uljp->oumlij", a, b)
@@ -139,8 +141,9 @@ def build(name, seed):
         x_u = rng.uniform(0.0, 1.0, (3, 28, 28, 1))
     elif name == "transformer":
         n_heads = 2
-        template = zoo.transformer_init(key, vocab=11, d_model=8, n_heads=n_heads, n_layers=1,
-                                        max_len=6)
+        template = zoo.transformer_init(
+            key, vocab=11, d_model=8, n_heads=n_heads, n_layers=1, max_len=6
+        )
 
         def apply(p, t):
             return zoo.transformer_apply(p, t, n_heads=n_heads)
@@ -172,13 +175,26 @@ def build(name, seed):
             raise AssertionError(f"{name}: {what} vs JACOBIAN_CONTRACTION rel err {err:.3e}")
 
     path = os.path.join(HERE, f"{name}.npz")
-    zoo.save_npz(path, params, x_o=x_o, x_u=x_u, z_o=z_o, z_u=z_u, K=k, model=np.str_(name),
-                 nt_version=np.str_(nt.__version__), jax_version=np.str_(jax.__version__),
-                 numpy_version=np.str_(np.__version__), **extra)
+    zoo.save_npz(
+        path,
+        params,
+        x_o=x_o,
+        x_u=x_u,
+        z_o=z_o,
+        z_u=z_u,
+        K=k,
+        model=np.str_(name),
+        nt_version=np.str_(nt.__version__),
+        jax_version=np.str_(jax.__version__),
+        numpy_version=np.str_(np.__version__),
+        **extra,
+    )
     n_params = sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(params))
-    print(f"{name}: K {k.shape} ||K||_F={np.linalg.norm(k):.6e} P={n_params} "
-          f"rel errs {', '.join(f'{a}={b:.1e}' for a, b in report.items())} "
-          f"-> {path} ({os.path.getsize(path) / 1024:.1f} KB)")
+    print(
+        f"{name}: K {k.shape} ||K||_F={np.linalg.norm(k):.6e} P={n_params} "
+        f"rel errs {', '.join(f'{a}={b:.1e}' for a, b in report.items())} "
+        f"-> {path} ({os.path.getsize(path) / 1024:.1f} KB)"
+    )
 
 
 def main(argv):

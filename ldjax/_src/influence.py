@@ -1,0 +1,837 @@
+"""Influence of every training example on every probe: the predicted one-step change of each probe
+o after one step on each training example u alone, for whole data sets, sharded over a device mesh
+and streamed to disk.
+
+For one u and one o, Proposition 1 (Ren & Sutherland, arXiv 2407.10490, §2–3) gives the linear
+prediction, for every readout r of o,
+
+    Δ log π(r | x_o) = −η ⟨∇θ log π(r | x_o), g_u⟩,     g_u = ∇θ L(x_u) = J_uᵀ G_u,
+
+where r is each class (classifiers: ``(N_u, N_o, V)``), the response log-probability
+``log π(y_o | x_o) = Σ_m log π(y_{o,m})`` (sequences: ``(N_u, N_o)``) or each response token
+(``per_token``: ``(N_u, N_o, T)``). Since ``∇θ log π(r|x_o) = Σ_i A_ri ∇θ z_i(x_o)``, this is
+exactly :func:`ldjax.decompose`'s ``A·(−η K G)`` read at r. For the DPO family the step's gradient
+has a y⁺ and a y⁻ part, ``g_u = J⁺ᵀG⁺ + J⁻ᵀG⁻``, kept apart as two terms.
+
+Algorithms (``method``):
+
+* ``"gram"``: the readout gradients of O (``N_o · R`` rows of P parameters) are computed once and
+  kept on the devices; each chunk of U then costs its per-example gradients (one backward pass
+  each) and one product ``(chunk, P) @ (P, N_o · R)``. Fastest whenever those rows fit in memory
+  (MNIST's LeNet: 500 probes × 10 classes × 29,624 parameters = 0.6 GB in float32).
+* ``"jvp"``: nothing of O is kept; each chunk of U costs its per-example gradients and one JVP of
+  the readout of every probe along each of them (``chunk × N_o`` forward-mode passes). For models
+  whose rows do not fit.
+* ``"auto"``: ``"gram"`` when its rows fit ``memory_budget``, else ``"jvp"``.
+
+Both are exact (no projection): the numbers equal a per-u :func:`ldjax.decompose` to float
+rounding. U is cut into chunks of ``chunk_size`` examples; each chunk is sharded over the mesh
+axis ``"u"`` and O (padded) over the optional axis ``"o"`` (``jax.sharding.NamedSharding``, one
+jitted program), so the same code runs on one CPU, 8 host devices, a GPU node or several hosts
+under ``jax.distributed.initialize()``, each process computing and writing the shards it holds.
+With ``out=`` the results stream chunk by chunk into on-disk arrays
+(:class:`ldjax._src.influence_store.InfluenceStore`), resumable after a kill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ldjax._src import validate
+from ldjax._src.actual_step import actual_step
+from ldjax._src.optimizer_update import update_parts
+from ldjax._src.trainable import branches, trainable_fn
+
+METHODS = ("auto", "gram", "jvp")
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+
+
+@dataclasses.dataclass
+class Influence:
+    """The predicted one-step changes of every probe after a step on each training example.
+
+    Attributes:
+      delta: ``(N_u, N_o, V)`` (classifiers), ``(N_u, N_o)`` (sequences: the response log-prob) or
+        ``(N_u, N_o, T)`` (``per_token``): Δ log π of the readout, summed over the loss's branches.
+      terms: for the DPO family, ``(delta⁺, delta⁻)``: the y⁺ and the y⁻ parts of ``delta``.
+      delta_loss_o: ``(N_u, N_o)``, the first-order change of each probe's cross-entropy on its
+        ``targets_o`` (``−Δ log π(y_o|x_o)``), when ``targets_o`` was given.
+      kernel_fro, kernel_trace: ``(N_u, N_o)``, ``‖K(x_o, x_u)‖_F`` and ``tr K(x_o, x_u)``
+        (classifiers, when ``kernel_norms=True``; for the DPO family, of the y⁺ input).
+      audit: the measured error of the prediction on a sample of u (:func:`audit`), or None.
+      readout: ``"class"``, ``"sequence"`` or ``"token"``.
+      path: the on-disk folder when the results were streamed there (``out=``), else None.
+      delta_carry: with an optimizer, ``(N_o, ...)``: what the optimizer's state moves on every
+        probe whatever u (momentum, decoupled weight decay), in ``delta``'s readout layout.
+    """
+
+    delta: Any
+    terms: tuple | None
+    delta_loss_o: Any
+    kernel_fro: Any
+    kernel_trace: Any
+    audit: dict | None
+    readout: str
+    path: str | None = None
+    delta_carry: Any = None
+
+
+# ----------------------------------------------------------------------------- per-example pieces
+
+
+def _add_batch(tree):
+    return jax.tree_util.tree_map(lambda a: a[None], tree)
+
+
+def _readout(f, theta, x1, y1, m1, kind):
+    """The readout values of one probe ``x1`` (no batch axis): ``(R,)``."""
+    z = f(theta, _add_batch(x1))[0]
+    lp = jax.nn.log_softmax(z, axis=-1)
+    if kind == "class":
+        return lp
+    picked = jnp.take_along_axis(lp, y1[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    picked = picked * m1.astype(picked.dtype)
+    return picked if kind == "token" else jnp.sum(picked)[None]
+
+
+def _flat_rows(tree, r):
+    """A pytree of ``(R, *leaf)`` Jacobian rows as ``(R, P)`` (``ravel_pytree`` order)."""
+    return jnp.concatenate([a.reshape(r, -1) for a in jax.tree_util.tree_leaves(tree)], axis=1)
+
+
+def _example_grads(f, loss_fn, theta, xs1, kw1, hyper):
+    """Per-branch gradients ``g_b = J_bᵀ G_b`` of one example's loss, each ``(P,)``."""
+    zs, vjps = [], []
+    for x in xs1:
+        z, vjp = jax.vjp(lambda th, x=x: f(th, _add_batch(x)), theta)
+        zs.append(z)
+        vjps.append(vjp)
+    kw = dict(_add_batch(kw1), **hyper)
+    gs = jax.grad(lambda *z: jnp.sum(loss_fn(*z, **kw)), argnums=tuple(range(len(zs))))(*zs)
+    return tuple(ravel_pytree(v(g)[0])[0] for v, g in zip(vjps, gs))
+
+
+def _z_rows(f, theta, x1):
+    """Jacobian rows of the logits of one classifier input: ``(V, P)``."""
+    rows = jax.jacrev(lambda th: f(th, _add_batch(x1))[0])(theta)
+    v = jax.eval_shape(lambda th: f(th, _add_batch(x1))[0], theta).shape[0]
+    return _flat_rows(rows, v)
+
+
+# ----------------------------------------------------------------------------- the chunk programs
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Everything static about one influence job (the jit cache key)."""
+
+    apply_fn: Callable
+    loss_fn: Callable
+    kind: str
+    n_branches: int
+    method: str
+    kernel_norms: bool
+    mesh: Mesh
+    u_axis: str
+    o_axis: str | None
+    optimizer: Any = None
+
+
+def _shard(spec, *axes):
+    return NamedSharding(spec.mesh, P(*axes))
+
+
+@functools.lru_cache(maxsize=32)
+def _readout_rows_fn(spec: _Spec):
+    f = spec.apply_fn
+
+    def rows(theta, x_o, y_o, m_o):
+        def one(x1, y1, m1):
+            r = _readout(f, theta, x1, y1, m1, spec.kind)
+            jac = jax.jacrev(lambda th: _readout(f, th, x1, y1, m1, spec.kind))(theta)
+            return _flat_rows(jac, r.shape[0])
+
+        return jax.vmap(one)(x_o, y_o, m_o)
+
+    o_sh = _shard(spec, spec.o_axis)
+    return jax.jit(rows, out_shardings=o_sh)
+
+
+@functools.lru_cache(maxsize=32)
+def _z_rows_fn(spec: _Spec):
+    f = spec.apply_fn
+    return jax.jit(
+        lambda theta, x: jax.vmap(lambda x1: _z_rows(f, theta, x1))(x),
+        out_shardings=_shard(spec, spec.o_axis),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _chunk_fn(spec: _Spec):
+    """``(theta, rows_o | probes, zrows_o, xs_chunk, kw_chunk, hyper, eta) -> outputs`` of one chunk
+    of U: ``delta (c, N_o, R, B)`` and, with ``kernel_norms``, ``fro, trace (c, N_o)``."""
+    f, loss_fn = spec.apply_fn, spec.loss_fn
+    hi = jax.lax.Precision.HIGHEST
+
+    def program(theta, rows_o, probes, zrows_o, xs, kw, hyper, eta, opt_state):
+        g = jax.vmap(lambda xs1, kw1: _example_grads(f, loss_fn, theta, xs1, kw1, hyper))(xs, kw)
+        if spec.optimizer is None:  # the update of SGD: −η g_b per branch
+            dirs = [-eta * gb for gb in g]
+        else:  # per branch the optimizer linearised at its state, then the exact batch part
+            unravel = ravel_pytree(theta)[1]
+
+            def split(*gs):
+                terms, carry, exact = update_parts(
+                    spec.optimizer, opt_state, theta, tuple(unravel(x) for x in gs)
+                )
+                flat = lambda tree: ravel_pytree(tree)[0]
+                return tuple(flat(tr) for tr in terms) + (flat(exact) - flat(carry),)
+
+            dirs = list(jax.vmap(split)(*g))
+        parts = [_project(spec, theta, rows_o, probes, d) for d in dirs]
+        delta = jnp.stack(parts, axis=-1)
+        if not spec.kernel_norms:
+            return (delta,)
+        ju = jax.vmap(lambda x1: _z_rows(f, theta, x1))(xs[0])  # (c, V, P)
+        k = jnp.einsum("ujp,oip->uoij", ju, zrows_o, precision=hi)
+        fro = jnp.sqrt(jnp.sum(k * k, axis=(-2, -1)))
+        return delta, fro, jnp.trace(k, axis1=-2, axis2=-1)
+
+    u, o = spec.u_axis, spec.o_axis
+    outs = (_shard(spec, u, o),) + ((_shard(spec, u, o),) * 2 if spec.kernel_norms else ())
+    return jax.jit(program, out_shardings=outs)
+
+
+def _project(spec, theta, rows_o, probes, dirs):
+    """The readout change of every probe along each parameter direction: ``(c, N_o, R)`` from
+    ``dirs (c, P)``, by the kept rows (gram) or one JVP per (direction, probe)."""
+    if spec.method == "gram":
+        return jnp.einsum("up,orp->uor", dirs, rows_o, precision=jax.lax.Precision.HIGHEST)
+    f = spec.apply_fn
+    x_o, y_o, m_o = probes
+    unravel = ravel_pytree(theta)[1]
+
+    def along(direction):
+        t = unravel(direction)
+
+        def one(x1, y1, m1):
+            return jax.jvp(lambda th: _readout(f, th, x1, y1, m1, spec.kind), (theta,), (t,))[1]
+
+        return jax.vmap(one)(x_o, y_o, m_o)
+
+    return jax.vmap(along)(dirs)
+
+
+@functools.lru_cache(maxsize=32)
+def _carry_fn(spec: _Spec):
+    """The optimizer state's carry-over ``U(0)`` seen on every probe's readout: ``(N_o, R)``."""
+
+    def program(theta, rows_o, probes, opt_state):
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, theta)
+        carry = ravel_pytree(spec.optimizer.update(zeros, opt_state, theta)[0])[0]
+        return _project(spec, theta, rows_o, probes, carry[None])[0]
+
+    return jax.jit(program, out_shardings=_shard(spec, spec.o_axis))
+
+
+# ----------------------------------------------------------------------------- host helpers
+
+
+def _global(x, sharding):
+    """A host array as a global ``jax.Array`` of ``sharding`` (each process supplies its shards)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _host(arr):
+    """The whole of a (possibly multi-process) global array on this host."""
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
+    return np.asarray(arr)
+
+
+def _pad(a, n, axis=0):
+    """``a`` with its ``axis`` padded to length ``n`` by repeating its last entry."""
+    a = np.asarray(a)
+    k = n - a.shape[axis]
+    if k <= 0:
+        return a
+    last = np.take(a, [-1] * k, axis=axis)
+    return np.concatenate([a, last], axis=axis)
+
+
+def fingerprint(tree) -> str:
+    """SHA-256 of a pytree's structure, shapes, dtypes and bytes (host arrays)."""
+    h = hashlib.sha256()
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    h.update(str(treedef).encode())
+    for leaf in leaves:
+        a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def default_mesh(devices=None, o_devices: int = 1) -> Mesh:
+    """A mesh over ``devices`` (default: all, every process's) with axes ``("u",)`` or, with
+    ``o_devices > 1``, ``("u", "o")`` — U sharded over ``len(devices) / o_devices`` devices and O
+    over ``o_devices``."""
+    devices = list(jax.devices() if devices is None else devices)
+    if o_devices < 1 or len(devices) % o_devices:
+        raise ValueError(f"o_devices={o_devices} must divide the {len(devices)} devices")
+    arr = np.asarray(devices, dtype=object)
+    if o_devices == 1:
+        return Mesh(arr, ("u",))
+    return Mesh(arr.reshape(len(devices) // o_devices, o_devices), ("u", "o"))
+
+
+def _split_kwargs(loss_kwargs, n_u):
+    """Per-example arrays (leading axis ``N_u``) apart from hyper-parameters (scalars)."""
+    per, hyper = {}, {}
+    for k, v in (loss_kwargs or {}).items():
+        if np.ndim(v) >= 1:
+            if np.shape(v)[0] != n_u:
+                raise ValueError(
+                    f"loss_kwargs[{k!r}] has leading size {np.shape(v)[0]}; expected "
+                    f"N_u = {n_u} (one row per training example) or a scalar"
+                )
+            per[k] = np.asarray(v)
+        else:
+            hyper[k] = v
+    return per, hyper
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def influence(
+    apply_fn: Callable,
+    params: Any,
+    x_u: Any,
+    x_o: Any,
+    loss_fn: Callable,
+    *,
+    eta: float | None = None,
+    loss_kwargs: dict | None = None,
+    optimizer: Any = None,
+    opt_state: Any = None,
+    targets_o: Any = None,
+    mask_o: Any = None,
+    per_token: bool = False,
+    kernel_norms: bool = False,
+    chunk_size: int = 32,
+    method: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    mesh: Mesh | None = None,
+    out: str | None = None,
+    audit_size: int = 0,
+    audit_seed: int = 0,
+    progress: bool = False,
+) -> Influence:
+    """The predicted one-step change of every probe after one step on each training example alone:
+    plain SGD at ``eta``, or the real update of an optax ``optimizer`` from ``opt_state``.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> logits`` ``(N, V)`` or ``(N, T, V)``.
+      params: parameters (flax variables: only ``params`` is differentiated).
+      x_u: the training examples, batch ``N_u``; for the DPO family the pair ``(x⁺, x⁻)``.
+      x_o: the probes, batch ``N_o``.
+      loss_fn: ``loss_fn(*logits, **loss_kwargs) -> (N,)``, e.g. ``ldjax.losses.dpo``; the step on u
+        is ``Δθ = −η ∇θ L(x_u)``.
+      eta: the step size η > 0 of a plain SGD step (not with ``optimizer``).
+      optimizer, opt_state: an optax ``GradientTransformation`` and its state (e.g. from a training
+        checkpoint): the step on u is the optimizer's update from that state. ``delta`` is then the
+        part of the update that u's gradient makes, ``U(g_u) − U(0)`` (exact), the y⁺/y⁻
+        ``terms`` are the optimizer linearised at its state (``K_P`` of its preconditioner, exactly
+        additive), and the state's own carry-over ``U(0)`` — the same for every u, not u's
+        doing — is ``Influence.delta_carry``.
+      loss_kwargs: the loss's arguments for every training example (arrays with leading ``N_u``:
+        targets, masks, reference log-probs) and its hyper-parameters (scalars: ``beta``, ...).
+      targets_o, mask_o: ``(N_o, T)`` for sequence probes (the response tokens and where they are);
+        for classifiers ``targets_o (N_o,)`` is optional and gives ``delta_loss_o``.
+      per_token: sequences: one value per response token instead of the response's sum.
+      kernel_norms: classifiers: also ``‖K(x_o, x_u)‖_F`` and ``tr K(x_o, x_u)``.
+      chunk_size: training examples per chunk (rounded up to a multiple of the mesh's ``"u"`` size).
+      method: ``"auto"``, ``"gram"`` or ``"jvp"`` (module docstring).
+      memory_budget: bytes that ``"gram"``'s kept rows may take (``"auto"`` picks by it).
+      mesh: a :class:`jax.sharding.Mesh` with axis ``"u"`` (and optionally ``"o"``); default: all
+        devices on ``"u"`` (:func:`default_mesh`).
+      out: a folder to stream the results into (zarr arrays and a manifest); a rerun of the same
+        job resumes there, a changed job is refused (:mod:`ldjax._src.influence_store`).
+      audit_size: measure the prediction against the actual one-step change for this many u drawn
+        at random (seed ``audit_seed``) (:func:`audit`).
+      progress: show a progress bar (pairs per second and ETA).
+    Returns:
+      An :class:`Influence`; with ``out``, its arrays are read from the store.
+
+    Examples:
+      >>> import jax.numpy as jnp, ldjax
+      >>> apply_fn = lambda p, x: x @ p["w"]
+      >>> params = {"w": jnp.zeros((2, 3))}
+      >>> x_u = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+      >>> x_o = jnp.array([[1.0, 1.0]])
+      >>> kw = dict(targets=jnp.array([0, 2]))
+      >>> inf = ldjax.influence(apply_fn, params, x_u, x_o, ldjax.losses.sft, eta=0.1,
+      ...                       loss_kwargs=kw)
+      >>> inf.delta.shape                                  # (N_u, N_o, V)
+      (2, 1, 3)
+      >>> d = ldjax.decompose(apply_fn, params, x_o, x_u[:1], ldjax.losses.sft, eta=0.1,
+      ...                     loss_kwargs=dict(targets=jnp.array([0])))
+      >>> bool(jnp.allclose(inf.delta[0], d.delta_logp_linear, atol=1e-7))
+      True
+    """
+    if (eta is None) == (optimizer is None):
+        raise ValueError(
+            "pass eta (a plain SGD step) or optimizer (with its own learning rate and "
+            "schedule), exactly one of them"
+        )
+    if optimizer is None and opt_state is not None:
+        raise ValueError("opt_state given without an optimizer")
+    eta = None if eta is None else validate.check_eta(eta)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    xs = branches(x_u)
+    n_u = validate.check_batched(xs[0], "x_u")
+    for k, x in enumerate(xs[1:], 1):
+        if validate.check_batched(x, f"x_u[{k}]") != n_u:
+            raise ValueError(
+                f"x_u[{k}] has batch {validate.check_batched(x, f'x_u[{k}]')}, x_u[0] {n_u}"
+            )
+    f, theta = trainable_fn(apply_fn, params)
+    shape_o = validate.logits_shape(apply_fn, params, x_o, "x_o")
+    for k, x in enumerate(xs):
+        validate.logits_shape(apply_fn, params, x, f"x_u[{k}]")
+    n_o = shape_o[0]
+    seq = len(shape_o) == 3
+    kind = ("token" if per_token else "sequence") if seq else "class"
+    if seq:
+        if targets_o is None:
+            raise ValueError("sequence probes need targets_o (N_o, T): the response tokens to read")
+        y_o = np.asarray(targets_o)
+        m_o = (
+            np.ones(y_o.shape, bool)
+            if mask_o is None
+            else validate.check_mask(mask_o, shape_o[:2], "mask_o")
+        )
+        if y_o.shape != shape_o[:2]:
+            raise ValueError(f"targets_o has shape {y_o.shape}; expected {shape_o[:2]} (N_o, T)")
+        if kernel_norms:
+            raise ValueError(
+                "kernel_norms is for classifiers; for sequences use ldjax.entk with "
+                "mask_o/mask_u and reduction='trace'"
+            )
+    else:
+        if per_token:
+            raise ValueError("per_token is for sequence models; these logits are (N, V)")
+        y_o = np.zeros((n_o, 1), np.int32)  # unused by the class readout
+        m_o = np.ones((n_o, 1), bool)
+    per, hyper = _split_kwargs(loss_kwargs, n_u)
+    r = shape_o[-1] if kind == "class" else (shape_o[1] if kind == "token" else 1)
+    n_params = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(theta))
+    itemsize = np.dtype(jax.tree_util.tree_leaves(theta)[0].dtype).itemsize
+    rows_bytes = n_o * r * n_params * itemsize * (2 if kernel_norms else 1)
+    if method == "auto":
+        method = "gram" if rows_bytes <= memory_budget else "jvp"
+    if kernel_norms and method != "gram":
+        raise ValueError(
+            f"kernel_norms needs method='gram' (the probes' Jacobian rows, "
+            f"{rows_bytes / 2**30:.2f} GiB, must be kept)"
+        )
+
+    mesh = default_mesh() if mesh is None else mesh
+    if "u" not in mesh.axis_names:
+        raise ValueError(f"mesh must have an axis 'u' (training examples), got {mesh.axis_names}")
+    o_axis = "o" if "o" in mesh.axis_names else None
+    n_ud = mesh.shape["u"]
+    n_od = mesh.shape["o"] if o_axis else 1
+    chunk = -(-chunk_size // n_ud) * n_ud
+    n_o_pad = -(-n_o // n_od) * n_od
+    spec = _Spec(
+        apply_fn, loss_fn, kind, len(xs), method, bool(kernel_norms), mesh, "u", o_axis, optimizer
+    )
+    if optimizer is not None and opt_state is None:
+        opt_state = optimizer.init(theta)
+    rep = NamedSharding(mesh, P())
+    state_g = (
+        None
+        if optimizer is None
+        else jax.tree_util.tree_map(lambda a: _global(a, rep), jax.device_get(opt_state))
+    )
+
+    # probes: padded, sharded over "o" (replicated without it)
+    o_sh = NamedSharding(mesh, P(o_axis))
+    probes = tuple(_global(_pad(a, n_o_pad), o_sh) for a in (x_o, y_o, m_o))
+    theta_g = jax.tree_util.tree_map(lambda a: _global(a, NamedSharding(mesh, P())), theta)
+    rows = _readout_rows_fn(spec)(theta_g, *probes) if method == "gram" else None
+    zrows = _z_rows_fn(spec)(theta_g, probes[0]) if kernel_norms else None
+    hyper_g = {k: jnp.asarray(v) for k, v in hyper.items()}
+
+    final = _FinalShapes(
+        n_u, n_o, r, len(xs), kind, targets_o is not None, bool(kernel_norms), optimizer is not None
+    )
+    y_loss = None if targets_o is None else np.asarray(targets_o)
+    dtype = np.dtype(jax.tree_util.tree_leaves(theta)[0].dtype)
+    store = None
+    if out is not None:
+        from ldjax._src.influence_store import InfluenceStore  # noqa: PLC0415 - tensorstore is optional
+
+        fp = dict(
+            params=fingerprint(theta),
+            x_u=fingerprint(xs),
+            x_o=fingerprint(x_o),
+            loss_kwargs=fingerprint((per, {k: float(v) for k, v in sorted(hyper.items())})),
+            targets_o=fingerprint((y_o, m_o)),
+        )
+        loss_name = (
+            f"{getattr(loss_fn, '__module__', '')}.{getattr(loss_fn, '__qualname__', loss_fn)}"
+        )
+        config = dict(
+            eta=eta,
+            loss=loss_name,
+            kind=kind,
+            method=method,
+            chunk_size=chunk,
+            kernel_norms=bool(kernel_norms),
+            mesh=dict(mesh.shape),
+            dtype=str(dtype),
+            optimizer=None if optimizer is None else repr(optimizer.update),
+        )
+        if optimizer is not None:
+            fp["opt_state"] = fingerprint(opt_state)
+        store = InfluenceStore(
+            out,
+            final.shapes(),
+            dict(fingerprints=fp, config=config),
+            chunk_rows=chunk // n_ud,
+            probe_cols=n_o_pad // n_od,
+            dtype=dtype,
+        )
+        results = None
+    else:
+        results = {k: np.zeros(s, dtype) for k, s in final.shapes().items()}
+
+    u_sh = NamedSharding(mesh, P("u"))
+    program = _chunk_fn(spec)
+    eta_a = jnp.asarray(0.0 if eta is None else eta, dtype)
+    bar = None
+    if progress:
+        from tqdm import tqdm  # noqa: PLC0415 - tqdm belongs to the experiments extra
+
+        bar = tqdm(total=n_u * n_o, unit="pair", unit_scale=True, desc="influence", mininterval=1.0)
+    try:
+        for ci, a in enumerate(range(0, n_u, chunk)):
+            b = min(a + chunk, n_u)
+            if store is not None and store.is_done(ci):
+                if bar is not None:
+                    bar.update((b - a) * n_o)
+                continue
+            xs_c = tuple(
+                jax.tree_util.tree_map(
+                    lambda v, a=a, b=b: _global(_pad(np.asarray(v)[a:b], chunk), u_sh), x
+                )
+                for x in xs
+            )
+            kw_c = {k: _global(_pad(v[a:b], chunk), u_sh) for k, v in per.items()}
+            outs = program(
+                theta_g,
+                rows,
+                probes if method == "jvp" else None,
+                zrows,
+                xs_c,
+                kw_c,
+                hyper_g,
+                eta_a,
+                state_g,
+            )
+            if store is None:
+                block = {k: _host(v)[: b - a, :n_o] for k, v in zip(_RAW, outs)}
+                for k, v in final.finalize(block, y_loss).items():
+                    results[k][a:b] = v
+            else:
+                store.write_shards(ci, _shard_writes(outs, a, b, n_o, final, y_loss))
+            if bar is not None:
+                bar.update((b - a) * n_o)
+    finally:
+        if bar is not None:
+            bar.close()
+    if store is not None:
+        store.finish()
+        results = {k: store.read(k) for k in final.shapes()}
+    carry = None
+    if optimizer is not None:
+        c = _host(_carry_fn(spec)(theta_g, rows, probes if method == "jvp" else None, state_g))
+        carry = c[:n_o, 0] if kind == "sequence" else c[:n_o]
+    audit_result = None
+    if audit_size:
+        step_of = dict(eta=eta, optimizer=optimizer, opt_state=opt_state, carry=carry)
+        audit_result = _stored_audit(
+            store,
+            apply_fn,
+            params,
+            xs,
+            x_o,
+            loss_fn,
+            step_of,
+            per,
+            hyper,
+            y_o,
+            m_o,
+            kind,
+            results,
+            audit_size,
+            audit_seed,
+        )
+    return Influence(
+        results["delta"],
+        (results["delta_pos"], results["delta_neg"]) if len(xs) == 2 else None,
+        results.get("delta_loss_o"),
+        results.get("kernel_fro"),
+        results.get("kernel_trace"),
+        audit_result,
+        kind,
+        None if out is None else str(out),
+        carry,
+    )
+
+
+_RAW = ("delta", "kernel_fro", "kernel_trace")
+"""Names of the chunk program's outputs, in order."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _FinalShapes:
+    """From the chunk program's raw ``delta (c, N_o, R, B)`` to the user's arrays."""
+
+    n_u: int
+    n_o: int
+    r: int
+    n_branches: int
+    kind: str
+    loss_o: bool
+    kernel_norms: bool
+    optimizer: bool = False
+
+    def _tail(self):
+        return () if self.kind == "sequence" else (self.r,)
+
+    def shapes(self) -> dict:
+        base = (self.n_u, self.n_o) + self._tail()
+        out = {"delta": base}
+        if self.n_branches == 2:
+            out.update(delta_pos=base, delta_neg=base)
+        if self.loss_o:
+            out["delta_loss_o"] = (self.n_u, self.n_o)
+        if self.kernel_norms:
+            out.update(kernel_fro=(self.n_u, self.n_o), kernel_trace=(self.n_u, self.n_o))
+        return out
+
+    def finalize(self, block: dict, y_loss, cols=slice(None)) -> dict:
+        full = np.asarray(block["delta"])  # (rows, cols, R, B [+ 1 with an optimizer])
+        if self.kind == "sequence":
+            full = full[:, :, 0]
+        terms = full[..., : self.n_branches]
+        out = {"delta": full[..., -1] if self.optimizer else terms.sum(-1)}
+        if self.n_branches == 2:
+            out.update(delta_pos=terms[..., 0], delta_neg=terms[..., 1])
+        if self.loss_o:
+            d = out["delta"]
+            if self.kind == "class":
+                y = np.asarray(y_loss)[cols].astype(int)
+                out["delta_loss_o"] = -np.take_along_axis(d, y[None, :, None], axis=-1)[..., 0]
+            else:
+                out["delta_loss_o"] = -d if self.kind == "sequence" else -d.sum(-1)
+        if self.kernel_norms:
+            out.update(
+                kernel_fro=np.asarray(block["kernel_fro"]),
+                kernel_trace=np.asarray(block["kernel_trace"]),
+            )
+        return out
+
+
+def _shard_writes(outs, a, b, n_o, final, y_loss) -> list:
+    """This process's shards of one chunk's outputs as ``[(name, index, data)]`` in the arrays'
+    global coordinates (padding dropped; replicated shards written once)."""
+    writes = []
+    by_index = [
+        {tuple((s.start, s.stop) for s in sh.index[:2]): sh for sh in o.addressable_shards}
+        for o in outs
+    ]
+    for sh in outs[0].addressable_shards:
+        if sh.replica_id != 0:
+            continue
+        rows, cols = sh.index[0], sh.index[1]
+        r0, r1 = rows.start or 0, rows.stop if rows.stop is not None else outs[0].shape[0]
+        c0, c1 = cols.start or 0, cols.stop if cols.stop is not None else outs[0].shape[1]
+        g0, g1 = a + r0, min(a + r1, b)
+        h1 = min(c1, n_o)
+        if g0 >= g1 or c0 >= h1:
+            continue
+        key = ((rows.start, rows.stop), (cols.start, cols.stop))
+        block = {
+            name: np.asarray(by_index[k][key].data)[: g1 - g0, : h1 - c0]
+            for k, name in enumerate(_RAW[: len(outs)])
+        }
+        for name, data in final.finalize(block, y_loss, slice(c0, h1)).items():
+            writes.append((name, (slice(g0, g1), slice(c0, h1)), data))
+    return writes
+
+
+# ----------------------------------------------------------------------------- the audit
+
+
+def _actual_readout(step, y_o, m_o, kind):
+    """The actual Δ log π of every probe's readout, in :class:`Influence`'s ``delta`` layout."""
+    dl = np.asarray(step.delta_logp, np.float64)
+    if kind == "class":
+        return dl
+    picked = np.take_along_axis(dl, np.asarray(y_o)[..., None].astype(int), axis=-1)[..., 0]
+    picked = picked * np.asarray(m_o, np.float64)
+    return picked if kind == "token" else picked.sum(-1)
+
+
+def _audit(apply_fn, params, xs, x_o, loss_fn, step_of, per, hyper, y_o, m_o, kind, delta, idx):
+    """``step_of``: the step size η (SGD), or ``{"eta", "optimizer", "opt_state", "carry"}``; with
+    an optimizer the predicted change of u's step is u's part plus the state's carry-over."""
+    if not isinstance(step_of, dict):
+        step_of = dict(eta=step_of, optimizer=None, opt_state=None, carry=None)
+    if step_of.get("optimizer") is None:
+        how = dict(eta=step_of["eta"])
+    else:
+        how = dict(optimizer=step_of["optimizer"], opt_state=step_of["opt_state"])
+    carry = step_of.get("carry")
+    pred, act, rel, agree = [], [], [], []
+    for u in idx:
+        xu = tuple(jax.tree_util.tree_map(lambda v, u=u: np.asarray(v)[u : u + 1], x) for x in xs)
+        kw = dict({k: v[u : u + 1] for k, v in per.items()}, **hyper)
+        step = actual_step(
+            apply_fn, params, x_o, xu if len(xu) > 1 else xu[0], loss_fn, loss_kwargs=kw, **how
+        )
+        a = _actual_readout(step, y_o, m_o, kind)
+        p = np.asarray(delta[int(u)], np.float64)
+        if carry is not None:
+            p = p + np.asarray(carry, np.float64)
+        pred.append(p)
+        act.append(a)
+        rel.append(float(np.linalg.norm(p - a) / max(np.linalg.norm(a), 1e-300)))
+        agree.append(float(np.mean(np.sign(p) == np.sign(a))))
+    rel = np.asarray(rel)
+    return dict(
+        indices=np.asarray(idx, int),
+        predicted=np.asarray(pred),
+        actual=np.asarray(act),
+        rel_error=rel,
+        median_rel_error=float(np.median(rel)) if rel.size else float("nan"),
+        sign_agreement=np.asarray(agree),
+    )
+
+
+def audit(
+    apply_fn,
+    params,
+    x_u,
+    x_o,
+    loss_fn,
+    *,
+    eta,
+    delta,
+    indices,
+    loss_kwargs=None,
+    targets_o=None,
+    mask_o=None,
+) -> dict:
+    """The measured error of an influence prediction: for each u in ``indices``, one real SGD step
+    on u alone (:func:`ldjax.actual_step`) and the actual Δ log π of every probe's readout, against
+    ``delta[u]`` (:attr:`Influence.delta`).
+
+    Returns:
+      ``{"indices" (k,), "predicted", "actual" (k, ...), "rel_error" (k,)
+      (‖predicted − actual‖ / ‖actual‖ over the probes and readouts), "median_rel_error",
+      "sign_agreement" (k,)}``.
+    """
+    xs = branches(x_u)
+    n_u = validate.check_batched(xs[0], "x_u")
+    per, hyper = _split_kwargs(loss_kwargs, n_u)
+    shape_o = validate.logits_shape(apply_fn, params, x_o, "x_o")
+    if len(shape_o) == 2:
+        kind, y_o, m_o = "class", None, None
+    else:
+        kind = "token" if np.ndim(delta) == 3 else "sequence"
+        y_o = np.asarray(targets_o)
+        m_o = np.ones(y_o.shape, bool) if mask_o is None else np.asarray(mask_o, bool)
+    return _audit(
+        apply_fn,
+        params,
+        xs,
+        x_o,
+        loss_fn,
+        validate.check_eta(eta),
+        per,
+        hyper,
+        y_o,
+        m_o,
+        kind,
+        delta,
+        np.asarray(indices, int),
+    )
+
+
+def _stored_audit(
+    store,
+    apply_fn,
+    params,
+    xs,
+    x_o,
+    loss_fn,
+    step_of,
+    per,
+    hyper,
+    y_o,
+    m_o,
+    kind,
+    results,
+    size,
+    seed,
+):
+    n_u = results["delta"].shape[0]
+    idx = np.sort(np.random.default_rng(seed).choice(n_u, size=min(int(size), n_u), replace=False))
+    if store is not None:
+        saved = store.read_audit()
+        if saved is not None and np.array_equal(saved["indices"], idx):
+            return saved
+    result = None
+    if jax.process_index() == 0:
+        result = _audit(
+            apply_fn,
+            params,
+            xs,
+            x_o,
+            loss_fn,
+            step_of,
+            per,
+            hyper,
+            y_o,
+            m_o,
+            kind,
+            results["delta"],
+            idx,
+        )
+        if store is not None:
+            store.write_audit(result)
+    if store is not None and jax.process_count() > 1:
+        store.barrier("audit")
+        result = store.read_audit()
+    return result

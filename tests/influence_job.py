@@ -1,0 +1,80 @@
+"""A small influence job run as a subprocess by tests/test_influence.py: on N host devices, as one
+of several processes (jax.distributed + gloo on 127.0.0.1), or to be killed and resumed.
+
+    python tests/influence_job.py OUT [--devices 8] [--o-devices 2] [--n-u 37]
+        [--process-id 0 --num-processes 2 --coordinator 127.0.0.1:PORT]
+
+Writes the results into OUT (an influence store) and, with ``--npz``, the arrays to that file.
+"""
+
+import argparse
+import sys
+
+import jax
+
+ap = argparse.ArgumentParser()
+ap.add_argument("out")
+ap.add_argument("--devices", type=int, default=1)
+ap.add_argument("--o-devices", type=int, default=1)
+ap.add_argument("--n-u", type=int, default=37)
+ap.add_argument("--chunk", type=int, default=8)
+ap.add_argument("--process-id", type=int, default=None)
+ap.add_argument("--num-processes", type=int, default=1)
+ap.add_argument("--coordinator", default=None)
+ap.add_argument("--npz", default=None)
+args = ap.parse_args()
+
+jax.config.update("jax_num_cpu_devices", args.devices)
+if args.num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+    )
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import ldjax  # noqa: E402
+from ldjax import losses, zoo  # noqa: E402
+
+rng = np.random.default_rng(0)
+sizes = (20, 32, 10)
+params = {
+    f"dense_{k}": {
+        "kernel": np.asarray(rng.normal(size=(a, b)) / np.sqrt(a), np.float32),
+        "bias": np.asarray(0.1 * rng.normal(size=b), np.float32),
+    }
+    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))
+}
+x_u = np.asarray(rng.normal(size=(args.n_u, 20)), np.float32)
+y_u = rng.integers(0, 10, args.n_u)
+x_o = np.asarray(rng.normal(size=(11, 20)), np.float32)
+y_o = rng.integers(0, 10, 11)
+mesh = ldjax.default_mesh(o_devices=args.o_devices)
+inf = ldjax.influence(
+    zoo.mlp_apply,
+    params,
+    jnp.asarray(x_u),
+    jnp.asarray(x_o),
+    losses.sft,
+    eta=0.05,
+    loss_kwargs=dict(targets=y_u),
+    targets_o=y_o,
+    chunk_size=args.chunk,
+    out=args.out,
+    mesh=mesh,
+    kernel_norms=True,
+    audit_size=4,
+)
+if args.npz and jax.process_index() == 0:
+    np.savez(
+        args.npz,
+        delta=np.asarray(inf.delta),
+        delta_loss_o=np.asarray(inf.delta_loss_o),
+        kernel_fro=np.asarray(inf.kernel_fro),
+        audit=inf.audit["rel_error"],
+    )
+print("done", jax.process_index(), jax.device_count(), dict(mesh.shape), flush=True)
+if args.num_processes > 1:
+    jax.distributed.shutdown()
+sys.exit(0)
