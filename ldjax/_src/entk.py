@@ -61,7 +61,7 @@ def _example_fn(f, treedef):
     return f1
 
 
-def _rows(out, pos, valid, reduction):
+def logit_rows(out, pos, valid, reduction):
     """Selected output rows ``(M, V')`` of one example's ``(P, V)`` logits."""
     r = out[pos] * valid[:, None].astype(out.dtype)
     if reduction == "sum_logits":
@@ -69,7 +69,7 @@ def _rows(out, pos, valid, reduction):
     return r
 
 
-def _trace_example(apply_fn, variables, x, structured, demote=()):
+def trace_example(apply_fn, variables, x, structured, demote=()):
     f, params = trainable_fn(apply_fn, variables)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     f1 = _example_fn(f, treedef)
@@ -88,7 +88,7 @@ def _features(apply_fn, structured, reduction, head, demote, variables, x, pos, 
     else -1), that site's input rows ``H (n, M, C̃)``. With a head the rows are not the logits but
     the head's input ``x (M, C)``: then ``V' = C`` and the head site itself has no D or X.
     """
-    _, leaves, closed, plan = _trace_example(apply_fn, variables, x, structured, demote)
+    _, leaves, closed, plan = trace_example(apply_fn, variables, x, structured, demote)
     shapes = site_shapes(closed, plan)
     fb = plan.fallback
     keep = [k for k in range(len(plan.sites)) if k != head]
@@ -105,7 +105,7 @@ def _features(apply_fn, structured, reduction, head, demote, variables, x, pos, 
                 full[k] = e
             outs, xs = evaluate_sites(closed, ls + xl, plan, full)
             if head < 0:
-                return _rows(outs[0], pos1, valid1, reduction), (xs, None)
+                return logit_rows(outs[0], pos1, valid1, reduction), (xs, None)
             h = xs[head][pos1] * valid1[:, None].astype(xs[head].dtype)  # (M, C̃)
             c = _head_width(plan.sites[head], h)
             return h[:, :c], ([xs[k] for k in keep], h)
@@ -202,7 +202,7 @@ def _vp_block(apply_fn, reduction, variables, xo, pos_o, valid_o, xu, pos_u, val
     def rows(p, x, pos, valid):
         out = f(p, x)
         out = out.reshape(out.shape[0], -1, out.shape[-1])
-        return jax.vmap(lambda o, q, v: _rows(o, q, v, reduction))(out, pos, valid)
+        return jax.vmap(lambda o, q, v: logit_rows(o, q, v, reduction))(out, pos, valid)
 
     _, jvp_o = jax.linearize(lambda p: rows(p, xo, pos_o, valid_o), params)
 
@@ -316,7 +316,7 @@ def _one_block(
 # ----------------------------------------------------------------------------- planning
 
 
-def _positions(mask, n, t):
+def position_index(mask, n, t):
     """``(pos (N, M) int32, valid (N, M) bool)`` from a ``(N, T)`` mask (None: all positions)."""
     if mask is None:
         return np.tile(np.arange(t, dtype=np.int32), (n, 1)), np.ones((n, t), bool)
@@ -363,7 +363,7 @@ class _Problem:
         if key not in self._CACHE:
             if len(self._CACHE) > 64:
                 self._CACHE.clear()
-            _, leaves, closed, plan = _trace_example(apply_fn, variables, x_o, True, demote)
+            _, leaves, closed, plan = trace_example(apply_fn, variables, x_o, True, demote)
             self._CACHE[key] = (
                 plan,
                 site_dims(closed, plan),
@@ -487,7 +487,7 @@ def _plan_chunks(n, m, row_bytes, budget):
     return 1, max(1, min(m, int(budget // per_pos)))
 
 
-def _take(x, idx):
+def take_examples(x, idx):
     return jax.tree_util.tree_map(lambda a: a[idx], x)
 
 
@@ -506,10 +506,10 @@ def _setup(apply_fn, params, x_o, x_u, reduction, mask_o, mask_u, preconditioner
         if len(shape) == 2:
             if mask is not None:
                 raise ValueError(f"{name} given, but the logits {shape} have no position axis")
-            out.append(_positions(None, shape[0], 1))
+            out.append(position_index(None, shape[0], 1))
         else:
             m = None if mask is None else validate.check_mask(mask, shape[:2], name)
-            out.append(_positions(m, shape[0], shape[1]))
+            out.append(position_index(m, shape[0], shape[1]))
     (pos_o, valid_o), (pos_u, valid_u) = out
     prob = _Problem(apply_fn, params, x_o, x_u, reduction, pos_o, pos_u, v)
     consts = None
@@ -885,7 +885,7 @@ def _run_chunks(
         p[:, : d - c] = pos[idx, c:d]
         v[: b - a, : d - c] = valid[a:b, c:d]
         whole = a == 0 and b == n_ex == len(pos)
-        return (x if whole else _take(x, idx)), jnp.asarray(p), jnp.asarray(v)
+        return (x if whole else take_examples(x, idx)), jnp.asarray(p), jnp.asarray(v)
 
     structured = implementation == "structured"
     head = prob.head if (structured and prob.headed) else -1

@@ -50,10 +50,10 @@ from ldjax._src import validate
 from ldjax._src.entk import (
     DEFAULT_MEMORY_BUDGET,
     REDUCTIONS,
-    _positions,
-    _rows,
-    _take,
-    _trace_example,
+    logit_rows,
+    position_index,
+    take_examples,
+    trace_example,
 )
 from ldjax._src.structured import evaluate as evaluate_sites
 from ldjax._src.structured import site_dims, site_shapes
@@ -153,7 +153,7 @@ def _fallback_block(l, jrow, key, j, dtype, paired):
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _sketch(apply_fn, reduction, hutchinson, n_blocks, variables, x, pos, valid, key):
     """``(n, M, V', n_blocks·BLOCK)`` or ``(n, M, n_blocks·BLOCK)`` features of a chunk."""
-    _, leaves, closed, plan = _trace_example(apply_fn, variables, x, True)
+    _, leaves, closed, plan = trace_example(apply_fn, variables, x, True)
     shapes = site_shapes(closed, plan)
     dims = site_dims(closed, plan)
     fb = plan.fallback
@@ -168,7 +168,7 @@ def _sketch(apply_fn, reduction, hutchinson, n_blocks, variables, x, pos, valid,
             for q, l in enumerate(fb):
                 ls[l] = fb_vals[q]
             outs, xs = evaluate_sites(closed, ls + xl, plan, eps)
-            r = _rows(outs[0], pos1, valid1, rows_red)
+            r = logit_rows(outs[0], pos1, valid1, rows_red)
             if probes is not None:
                 r = r @ probes.T.astype(r.dtype)  # (M, BLOCK): row c is v_cᵀ z
             return r, xs
@@ -298,7 +298,7 @@ def projected_features(
     if not seq and mask is not None:
         raise ValueError(f"mask given, but the logits {shape} have no position axis")
     m = None if mask is None else validate.check_mask(mask, shape[:2], "mask")
-    pos, valid = _positions(m, shape[0], shape[1] if seq else 1)
+    pos, valid = position_index(m, shape[0], shape[1] if seq else 1)
     v = shape[-1]
     if hutchinson is None:
         hutchinson = reduction == "trace" and v > dim
@@ -317,7 +317,7 @@ def projected_features(
 
     def compute(a, b):
         idx = np.minimum(np.arange(a, a + chunk), b - 1)
-        xc = x if (a == 0 and b == n == chunk) else _take(x, idx)
+        xc = x if (a == 0 and b == n == chunk) else take_examples(x, idx)
         phi = _sketch(
             apply_fn,
             reduction,

@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         help="one-step: also write the token maps (ldjax.token_influence) of the K probes the "
         "step moves most, for the SFT step and the DPO step (heatmaps, pushes, arrays)",
     )
+    p.add_argument(
+        "--optimizer-step",
+        action="store_true",
+        help="one-step: also predict one REAL optimizer step (RMSprop, clipping, schedule) of SFT "
+        "and of DPO at the phases' learning rates, against the step itself",
+    )
     return p
 
 
@@ -152,8 +158,18 @@ def _run(args, out: Path, cache: Path | None) -> int:
             params, _ = pretrained_params(
                 cfg, data, out, cache_dir=cache, progress=progress, **resume
             )
-            r = one_step(cfg, data, params, out, args.index, token_maps=args.token_maps)
+            r = one_step(
+                cfg,
+                data,
+                params,
+                out,
+                args.index,
+                token_maps=args.token_maps,
+                optimizer_step=args.optimizer_step,
+            )
             print(r["table"])
+            if "optimizer_table" in r:
+                print(r["optimizer_table"])
             print(f"figure: {r['figure']}")
             for f in r.get("token_map_figures", []):
                 print(f"token map: {f}")

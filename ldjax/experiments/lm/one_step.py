@@ -35,7 +35,14 @@ from ldjax.lm import train as T
 from ldjax.lm.model import make_apply_fn
 from ldjax.lm.tokenizer import ByteTokenizer
 
-__all__ = ["run_one_step", "run_optimizer_step", "sequence_delta", "loglog_slope", "format_table"]
+__all__ = [
+    "run_one_step",
+    "run_optimizer_step",
+    "sequence_delta",
+    "loglog_slope",
+    "format_table",
+    "format_optimizer_table",
+]
 
 _SGD1 = optax.sgd(1.0)
 
@@ -356,6 +363,35 @@ def run_optimizer_step(
         out[f"rel_error_{k}"] = _rel_err(p, a)
         out[f"sign_agreement_{k}"] = float(np.mean(np.sign(p) == np.sign(a)))
     return out
+
+
+def format_optimizer_table(steps: dict) -> str:
+    """A text table of :func:`run_optimizer_step` results keyed by phase: per phase, the relative
+    error and sign agreement of the three predictions of the real step, then Δ log π per type."""
+    lines = []
+    for phase, r in steps.items():
+        lines.append(
+            f"{phase.upper()}: one real {r['optimizer']} step (lr {r['lr']:.3g}, after "
+            f"{r['warm_steps']} warm-up steps, {r['dtype']}); eNTK-step error "
+            f"{r['entk_step']:.3g}"
+        )
+        lines.append(f"{'prediction':>22} {'rel. error':>12} {'sign agreement':>15}")
+        for way, what in (
+            ("exact", "optimizer, exact"),
+            ("kernel", "optimizer, K_P"),
+            ("sgd", "plain SGD"),
+        ):
+            lines.append(
+                f"{what:>22} {r['rel_error_' + way]:>12.3g} {r['sign_agreement_' + way]:>15.2f}"
+            )
+        lines.append(f"{'type':>22} {'exact':>12} {'K_P':>12} {'SGD':>12} {'actual':>12}")
+        for j, t in enumerate(r["types"]):
+            lines.append(
+                f"{t:>22} {r['pred_exact'][j]:>12.4e} {r['pred_kernel'][j]:>12.4e} "
+                f"{r['pred_sgd'][j]:>12.4e} {r['actual'][j]:>12.4e}"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 _PAIR_LOSSES: dict = {}

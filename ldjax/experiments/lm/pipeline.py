@@ -46,7 +46,12 @@ from ldjax.data.probes import build_probes, split_held_out
 from ldjax.data.synthetic import generate_preferences
 from ldjax.experiments.common import save_figure, staged_output, write_json, write_text
 from ldjax.experiments.lm import plots
-from ldjax.experiments.lm.one_step import format_table, run_one_step
+from ldjax.experiments.lm.one_step import (
+    format_optimizer_table,
+    format_table,
+    run_one_step,
+    run_optimizer_step,
+)
 from ldjax.experiments.lm.token_maps import run_token_maps, token_map_figures
 from ldjax.experiments.lm.tracking import ProbeTracker
 from ldjax.lm import train as T
@@ -443,16 +448,36 @@ def run_pipeline(
 
 
 def one_step(
-    config, data: PreparedData, params, out: Path, index: int = 0, *, token_maps: int = 0
+    config,
+    data: PreparedData,
+    params,
+    out: Path,
+    index: int = 0,
+    *,
+    token_maps: int = 0,
+    optimizer_step: bool = False,
 ) -> dict:
     """One exact decomposition of an SFT step on tracked training record ``index``: table, JSON
     and figure under ``out`` (:func:`ldjax.experiments.lm.one_step.run_one_step`), written through
     a staging folder (:func:`ldjax.experiments.common.staged_output`). ``token_maps`` K > 0 adds
     the token maps of the K probes the step moves most
     (:func:`ldjax.experiments.lm.token_maps.run_token_maps`) under ``token_maps/`` and
-    ``figures/token_maps/``."""
+    ``figures/token_maps/``. ``optimizer_step`` adds the prediction of one REAL optimizer step of
+    SFT and of DPO at the phases' learning rates, against the step
+    (:func:`ldjax.experiments.lm.one_step.run_optimizer_step`), in ``one_step/optimizer_step.json``
+    and ``one_step/optimizer_step.txt``."""
     with staged_output(out) as stage:
         r = _one_step(config, data, params, stage, final=Path(out), index=index)
+        if optimizer_step:
+            rec = data.track_train[index]
+            steps = {
+                phase: run_optimizer_step(params, config, data.train, rec, phase=phase)
+                for phase in ("sft", "dpo")
+            }
+            write_json(stage / "one_step" / "optimizer_step.json", steps)
+            r["optimizer_step"] = steps
+            r["optimizer_table"] = format_optimizer_table(steps)
+            write_text(stage / "one_step" / "optimizer_step.txt", r["optimizer_table"] + "\n")
         if token_maps:
             r["token_map_figures"] = _token_maps(
                 config, data, params, stage, final=Path(out), index=index, k=token_maps
