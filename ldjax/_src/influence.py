@@ -82,6 +82,8 @@ class Influence:
       delta_carry: with an optimizer, ``(N_o, ...)``: what the optimizer's state moves on every
         probe whatever u (momentum, decoupled weight decay), in ``delta``'s readout layout.
       method: the algorithm that ran, ``"gram"`` or ``"jvp"`` (``"auto"`` resolved by cost).
+      chunks_computed, chunks: chunks of U computed by this call, of all (with ``out``, the
+        others were already on disk).
     """
 
     delta: Any
@@ -94,6 +96,8 @@ class Influence:
     path: str | None = None
     delta_carry: Any = None
     method: str = ""
+    chunks_computed: int = 0
+    chunks: int = 0
 
 
 # ----------------------------------------------------------------------------- per-example pieces
@@ -554,15 +558,24 @@ def influence(
     o_sh = NamedSharding(mesh, P(o_axis))
     probes = tuple(_global(_pad(a, n_o_pad), o_sh) for a in (x_o, y_o, m_o))
     theta_g = jax.tree_util.tree_map(lambda a: _global(a, NamedSharding(mesh, P())), theta)
-    rows = zrows = None
-    if method == "gram" or kernel_norms:  # the probes' rows: each device computes its share
-        n_all = mesh.devices.size
-        all_sh = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-        spread = tuple(_global(_pad(a, -(-n_o // n_all) * n_all), all_sh) for a in (x_o, y_o, m_o))
-        if method == "gram":
-            rows = _readout_rows_fn(spec, n_o_pad)(theta_g, *spread)
-        if kernel_norms:
-            zrows = _z_rows_fn(spec, n_o_pad)(theta_g, spread[0])
+    kept: dict = {}
+
+    def probe_rows():
+        """The probes' rows (gram, kernel norms), computed once, only when a chunk needs them
+        (a finished job computes nothing): each device computes its share, then they are
+        gathered."""
+        if not kept and (method == "gram" or kernel_norms):
+            n_all = mesh.devices.size
+            all_sh = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+            spread = tuple(
+                _global(_pad(a, -(-n_o // n_all) * n_all), all_sh) for a in (x_o, y_o, m_o)
+            )
+            if method == "gram":
+                kept["rows"] = _readout_rows_fn(spec, n_o_pad)(theta_g, *spread)
+            if kernel_norms:
+                kept["zrows"] = _z_rows_fn(spec, n_o_pad)(theta_g, spread[0])
+        return kept.get("rows"), kept.get("zrows")
+
     hyper_g = {k: jnp.asarray(v) for k, v in hyper.items()}
 
     final = _FinalShapes(
@@ -618,6 +631,7 @@ def influence(
 
         bar = tqdm(total=n_u * n_o, unit="pair", unit_scale=True, desc="influence", mininterval=1.0)
     try:
+        computed = 0
         for ci, a in enumerate(range(0, n_u, chunk)):
             b = min(a + chunk, n_u)
             if store is not None and store.is_done(ci):
@@ -631,6 +645,8 @@ def influence(
                 for x in xs
             )
             kw_c = {k: _global(_pad(v[a:b], chunk), u_sh) for k, v in per.items()}
+            rows, zrows = probe_rows()
+            computed += 1
             outs = program(
                 theta_g,
                 rows,
@@ -658,6 +674,7 @@ def influence(
         results = {k: store.read(k) for k in final.shapes()}
     carry = None
     if optimizer is not None:
+        rows = probe_rows()[0]
         c = _host(_carry_fn(spec)(theta_g, rows, probes if method == "jvp" else None, state_g))
         carry = c[:n_o, 0] if kind == "sequence" else c[:n_o]
     audit_result = None
@@ -691,6 +708,8 @@ def influence(
         None if out is None else str(out),
         carry,
         method,
+        computed,
+        -(-n_u // chunk),
     )
 
 

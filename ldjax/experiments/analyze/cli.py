@@ -311,8 +311,13 @@ def _report(s: dict) -> str:
         [
             f"{s['family']}: {s['n_u']} training examples x {s['n_o']} probes, method "
             f"{s['method']}, eta {s['eta']:.3g}, {s['devices']['count']} "
-            f"{s['devices']['platform']} devices: {s['seconds']} s "
-            f"({s['pairs_per_second']:.0f} pairs/s; 0 s means everything was already done)",
+            f"{s['devices']['platform']} devices: {s['seconds']} s, computed "
+            f"{s['chunks']['computed']} of {s['chunks']['total']} chunks"
+            + (
+                f" ({s['pairs_per_second']:.0f} pairs/s)"
+                if s["pairs_per_second"]
+                else " (all were on disk: nothing computed)"
+            ),
             audit,
             f"influence arrays: {s['influence_dir']}",
         ]

@@ -155,6 +155,15 @@ def _influence_kwargs(opts: dict) -> dict:
     )
 
 
+def _speed(inf, pairs: int, seconds: float) -> dict:
+    """Chunks computed now (the others were on disk) and the pairs per second of those."""
+    frac = inf.chunks_computed / max(inf.chunks, 1)
+    return dict(
+        chunks=dict(computed=inf.chunks_computed, total=inf.chunks),
+        pairs_per_second=round(frac * pairs / max(seconds, 1e-9), 1) if frac else None,
+    )
+
+
 def _audit_summary(audit: dict | None) -> dict:
     if not audit:
         return dict(n=0, note="no audit (--audit 0): the predictions carry no measured error")
@@ -272,7 +281,7 @@ def run_mnist(
         method=inf.method,
         influence_dir=inf.path,
         seconds=round(seconds, 2),
-        pairs_per_second=round(len(yu) * len(yo) / max(seconds, 1e-9), 1),
+        **_speed(inf, len(yu) * len(yo), seconds),
         audit=_audit_summary(inf.audit),
         readouts=dict(
             score="S[u, o] = predicted Δ log π(y_o|x_o) after one SGD step of size eta on u "
@@ -449,7 +458,7 @@ def run_lm(
         method=inf.method,
         influence_dir=inf.path,
         seconds=round(seconds, 2),
-        pairs_per_second=round(s.size / max(seconds, 1e-9), 1),
+        **_speed(inf, s.size, seconds),
         audit=_audit_summary(inf.audit),
         readouts=dict(
             score="S[u, o] = predicted Δ log π(y_o|x_o) (summed over response tokens) after one "

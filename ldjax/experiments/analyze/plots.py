@@ -108,7 +108,11 @@ def plot_aggregate(agg: dict, *, title: str = "", label_u: str = "u", label_o: s
     if m.size <= 200:
         for (i, j), v in np.ndenumerate(m):
             if np.isfinite(v):
-                ax.text(j, i, f"{v:.1e}", ha="center", va="center", fontsize=6)
+                dark = abs(v) > 0.6 * top
+                ax.text(
+                    j, i, f"{v:.1e}", ha="center", va="center", fontsize=6,
+                    color="w" if dark else "k",
+                )
     ax.set_xlabel(label_o)
     ax.set_ylabel(label_u)
     ax.set_title(title or "mean predicted Δ log π(y_o|x_o) by group pair", fontsize=10)
