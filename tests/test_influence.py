@@ -217,6 +217,7 @@ def test_store_resumes_after_a_crash_and_refuses_a_changed_job(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         _job(tmp_path, "store")
     assert len(list((tmp_path / "store" / "done").iterdir())) == 2
+    assert not ldjax.load_influence(tmp_path / "store")["done"]
     monkeypatch.setenv("CRASH", "0")
     calls.clear()
     again = _job(tmp_path, "store")
@@ -227,6 +228,9 @@ def test_store_resumes_after_a_crash_and_refuses_a_changed_job(tmp_path, monkeyp
     done = _job(tmp_path, "store")  # a finished job computes nothing
     assert calls == [] and np.array_equal(np.asarray(done.delta), np.asarray(ref.delta))
     assert done.delta[5:7].shape == (2, 3, 5)  # rows are read from disk lazily
+    stored = ldjax.load_influence(tmp_path / "store")
+    assert stored["done"] and np.array_equal(np.asarray(stored["delta"]), np.asarray(ref.delta))
+    assert again.chunks_computed == 4 and done.chunks_computed == 0 and done.chunks == 6
     with pytest.raises(ValueError, match=r"another influence job.*eta"):
         _job(tmp_path, "store", eta=0.1)
     (tmp_path / "other").mkdir()

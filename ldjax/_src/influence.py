@@ -940,3 +940,12 @@ def _stored_audit(
         store.barrier("audit")
         result = store.read_audit()
     return result
+
+
+def load_influence(path) -> dict:
+    """The arrays an influence job streamed to ``out=path``, read lazily, with its manifest:
+    ``{"manifest", "done", "delta", "delta_loss_o", ...}``
+    (:func:`ldjax._src.influence_store.load_influence`; TensorStore is imported only here)."""
+    from ldjax._src.influence_store import load_influence as _load  # noqa: PLC0415
+
+    return _load(path)

@@ -144,8 +144,11 @@ def _train_mnist(args, out: Path, xi, yi):
         else QUICK.replace(n_train=min(QUICK.n_train, len(xi)), seed=args.seed)
     )
     ckpt = out / "train" / "ckpt"
-    print(f"{PROG} mnist: no --checkpoint: training {cfg.model} on {cfg.n_train} digits "
-          f"({cfg.epochs} epochs) into {ckpt}", file=sys.stderr)
+    print(
+        f"{PROG} mnist: no --checkpoint: training {cfg.model} on {cfg.n_train} digits "
+        f"({cfg.epochs} epochs) into {ckpt}",
+        file=sys.stderr,
+    )
     train(cfg, xi, yi, ckpt_dir=ckpt, resume=True, progress=common.progress_enabled(args))
     return ckpt
 
@@ -189,8 +192,9 @@ def _run_mnist(args, out: Path, mesh) -> tuple:
     )
     summary["data"] = dict(train=source, n_train=int(n), probes=probes[2])
     summary["eta_rule"] = (
-        "--eta" if args.eta is not None else "the checkpoint's peak lr / batch size (u's share of "
-        "one training step)"
+        "--eta"
+        if args.eta is not None
+        else "the checkpoint's peak lr / batch size (u's share of one training step)"
     )
     return summary, figs, tables
 
@@ -211,8 +215,10 @@ def _run_lm(args, out: Path, mesh) -> tuple:
     if args.checkpoint is None:
         from ldjax.experiments.lm.pipeline import pretrained_params  # noqa: PLC0415
 
-        print(f"{PROG} lm: no --checkpoint: pretraining the tiny quick LM into {out / 'train'}",
-              file=sys.stderr)
+        print(
+            f"{PROG} lm: no --checkpoint: pretraining the tiny quick LM into {out / 'train'}",
+            file=sys.stderr,
+        )
         pretrained_params(
             cfg, default_data, out / "train", resume=True, progress=common.progress_enabled(args)
         )
@@ -226,7 +232,7 @@ def _run_lm(args, out: Path, mesh) -> tuple:
     if args.probes:
         probe_records = load_jsonl(args.probes, required=("prompt",), nonempty=("prompt",))
     else:
-        probe_records = (default_data.track_train if default_data else pairs)
+        probe_records = default_data.track_train if default_data else pairs
     n_rec = args.n_probe_records or (2 if args.quick else len(probe_records))
     probe_records = probe_records[:n_rec]
     mpl = (info.get("pipeline_seq") or {}).get("max_prompt_len") or lm_config.max_len // 2

@@ -432,8 +432,7 @@ def run_lm(
             groups_u,
             types,
             order_o=order_o,
-            title=f"LM ({loss}): predicted Δ log π(y_o|x_o) after one step (η={eta:.3g}) on "
-            "pair u",
+            title=f"LM ({loss}): predicted Δ log π(y_o|x_o) after one step (η={eta:.3g}) on pair u",
             label_u="training pair u",
             label_o="probe response, by type",
         ),
@@ -446,7 +445,9 @@ def run_lm(
     }
     if inf.audit:
         figs["audit"] = plots.plot_audit(inf.audit, what="Δ log π(y_o|x_o)")
-    short = [dict(prompt=p["prompt"], chosen=p["chosen"], rejected=p.get("rejected")) for p in pairs]
+    short = [
+        dict(prompt=p["prompt"], chosen=p["chosen"], rejected=p.get("rejected")) for p in pairs
+    ]
     table = readouts.top_k_table(tk, meta, short, k=top)
     summary = dict(
         family="lm",

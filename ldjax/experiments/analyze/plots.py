@@ -110,7 +110,12 @@ def plot_aggregate(agg: dict, *, title: str = "", label_u: str = "u", label_o: s
             if np.isfinite(v):
                 dark = abs(v) > 0.6 * top
                 ax.text(
-                    j, i, f"{v:.1e}", ha="center", va="center", fontsize=6,
+                    j,
+                    i,
+                    f"{v:.1e}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
                     color="w" if dark else "k",
                 )
     ax.set_xlabel(label_o)

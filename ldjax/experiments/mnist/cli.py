@@ -9,7 +9,8 @@ Usage::
 
 Writes ``summary.json`` and ``mnist_{one_update,per_step,accumulated,confusion,entk}.png`` under
 ``--out``; with ``--checkpoint-dir DIR`` also the training's checkpoints (one per epoch, the
-format of :mod:`ldjax.training.checkpoint`), which ``ldjax analyze mnist --checkpoint DIR`` reads. Probes, the eNTK set and the candidates of (a) are held-out (test split) digits. The
+format of :mod:`ldjax.training.checkpoint`), which ``ldjax analyze mnist --checkpoint DIR`` reads.
+Probes, the eNTK set and the candidates of (a) are held-out (test split) digits. The
 settings are the preset (``--quick``, else the paper's), then ``--config FILE`` (a JSON of
 :class:`WarmupConfig`, full or partial), then the flags.
 """
