@@ -77,7 +77,7 @@ class Influence:
       kernel_fro, kernel_trace: ``(N_u, N_o)``, ``‖K(x_o, x_u)‖_F`` and ``tr K(x_o, x_u)``
         (classifiers, when ``kernel_norms=True``; for the DPO family, of the y⁺ input).
       audit: the measured error of the prediction on a sample of u (:func:`audit`), or None.
-      readout: ``"class"``, ``"sequence"`` or ``"token"``.
+      readout: ``"class"``, ``"target"`` (``target_only``), ``"sequence"`` or ``"token"``.
       path: the on-disk folder when the results were streamed there (``out=``), else None.
       delta_carry: with an optimizer, ``(N_o, ...)``: what the optimizer's state moves on every
         probe whatever u (momentum, decoupled weight decay), in ``delta``'s readout layout.
@@ -113,6 +113,8 @@ def _readout(f, theta, x1, y1, m1, kind):
     lp = jax.nn.log_softmax(z, axis=-1)
     if kind == "class":
         return lp
+    if kind == "target":  # a classifier probe's own class only: log π(y_o|x_o), (1,)
+        return lp[y1[0]][None]
     picked = jnp.take_along_axis(lp, y1[:, None].astype(jnp.int32), axis=-1)[:, 0]
     picked = picked * m1.astype(picked.dtype)
     return picked if kind == "token" else jnp.sum(picked)[None]
@@ -410,6 +412,7 @@ def influence(
     targets_o: Any = None,
     mask_o: Any = None,
     per_token: bool = False,
+    target_only: bool = False,
     kernel_norms: bool = False,
     chunk_size: int = 32,
     method: str = "auto",
@@ -442,6 +445,9 @@ def influence(
       targets_o, mask_o: ``(N_o, T)`` for sequence probes (the response tokens and where they are);
         for classifiers ``targets_o (N_o,)`` is optional and gives ``delta_loss_o``.
       per_token: sequences: one value per response token instead of the response's sum.
+      target_only: classifiers: only each probe's own class, ``Δ log π(y_o|x_o)`` ``(N_u, N_o)``
+        (needs ``targets_o``; ``R = 1`` instead of ``V``: the TracIn-at-one-checkpoint matrix
+        ``−η g_oᵀ g_u`` of the probes' losses is ``delta_loss_o = −delta``).
       kernel_norms: classifiers: also ``‖K(x_o, x_u)‖_F`` and ``tr K(x_o, x_u)``.
       chunk_size: training examples per chunk (rounded up to a multiple of the mesh's ``"u"`` size).
       method: ``"auto"``, ``"gram"`` or ``"jvp"`` (module docstring).
@@ -519,6 +525,16 @@ def influence(
             raise ValueError("per_token is for sequence models; these logits are (N, V)")
         y_o = np.zeros((n_o, 1), np.int32)  # unused by the class readout
         m_o = np.ones((n_o, 1), bool)
+        if target_only:
+            if targets_o is None:
+                raise ValueError("target_only needs targets_o (N_o,): the probes' classes")
+            validate.check_targets(targets_o, shape_o, "targets_o", "the probes' logits")
+            y_o = np.asarray(targets_o).astype(np.int32)[:, None]
+            kind = "target"
+            if kernel_norms:
+                raise ValueError("kernel_norms needs the full class readout (target_only=False)")
+    if target_only and seq:
+        raise ValueError("target_only is for classifiers (sequences read their targets already)")
     per, hyper = _split_kwargs(loss_kwargs, n_u)
     r = shape_o[-1] if kind == "class" else (shape_o[1] if kind == "token" else 1)
     n_params = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(theta))
@@ -676,7 +692,7 @@ def influence(
     if optimizer is not None:
         rows = probe_rows()[0]
         c = _host(_carry_fn(spec)(theta_g, rows, probes if method == "jvp" else None, state_g))
-        carry = c[:n_o, 0] if kind == "sequence" else c[:n_o]
+        carry = c[:n_o, 0] if kind in ("sequence", "target") else c[:n_o]
     audit_result = None
     if audit_size:
         step_of = dict(eta=eta, optimizer=optimizer, opt_state=opt_state, carry=carry)
@@ -731,7 +747,7 @@ class _FinalShapes:
     optimizer: bool = False
 
     def _tail(self):
-        return () if self.kind == "sequence" else (self.r,)
+        return () if self.kind in ("sequence", "target") else (self.r,)
 
     def shapes(self) -> dict:
         base = (self.n_u, self.n_o) + self._tail()
@@ -746,7 +762,7 @@ class _FinalShapes:
 
     def finalize(self, block: dict, y_loss, cols=slice(None)) -> dict:
         full = np.asarray(block["delta"])  # (rows, cols, R, B [+ 1 with an optimizer])
-        if self.kind == "sequence":
+        if self.kind in ("sequence", "target"):
             full = full[:, :, 0]
         terms = full[..., : self.n_branches]
         out = {"delta": full[..., -1] if self.optimizer else terms.sum(-1)}
@@ -758,7 +774,7 @@ class _FinalShapes:
                 y = np.asarray(y_loss)[cols].astype(int)
                 out["delta_loss_o"] = -np.take_along_axis(d, y[None, :, None], axis=-1)[..., 0]
             else:
-                out["delta_loss_o"] = -d if self.kind == "sequence" else -d.sum(-1)
+                out["delta_loss_o"] = -d if self.kind in ("sequence", "target") else -d.sum(-1)
         if self.kernel_norms:
             out.update(
                 kernel_fro=np.asarray(block["kernel_fro"]),
@@ -803,6 +819,8 @@ def _actual_readout(step, y_o, m_o, kind):
     dl = np.asarray(step.delta_logp, np.float64)
     if kind == "class":
         return dl
+    if kind == "target":
+        return np.take_along_axis(dl, np.asarray(y_o)[:, :1].astype(int), axis=-1)[:, 0]
     picked = np.take_along_axis(dl, np.asarray(y_o)[..., None].astype(int), axis=-1)[..., 0]
     picked = picked * np.asarray(m_o, np.float64)
     return picked if kind == "token" else picked.sum(-1)
@@ -871,8 +889,10 @@ def audit(
     n_u = validate.check_batched(xs[0], "x_u")
     per, hyper = _split_kwargs(loss_kwargs, n_u)
     shape_o = validate.logits_shape(apply_fn, params, x_o, "x_o")
-    if len(shape_o) == 2:
+    if len(shape_o) == 2 and np.ndim(delta) == 3:
         kind, y_o, m_o = "class", None, None
+    elif len(shape_o) == 2:  # target_only: (N_u, N_o)
+        kind, y_o, m_o = "target", np.asarray(targets_o)[:, None], None
     else:
         kind = "token" if np.ndim(delta) == 3 else "sequence"
         y_o = np.asarray(targets_o)
