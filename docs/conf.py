@@ -95,6 +95,9 @@ CLI_HELP = [
     ("squeeze.txt", "ldjax.experiments.squeeze.cli", ["--help"]),
     ("lm.txt", "ldjax.experiments.lm.cli", ["--help"]),
     ("reproduce.txt", "ldjax.experiments.reproduce.cli", ["--help"]),
+    ("analyze.txt", "ldjax.experiments.analyze.cli", ["--help"]),
+    ("analyze_mnist.txt", "ldjax.experiments.analyze.cli", ["mnist", "--help"]),
+    ("analyze_lm.txt", "ldjax.experiments.analyze.cli", ["lm", "--help"]),
 ]
 
 
