@@ -117,8 +117,10 @@ def worker_devices(n_dev: int, n_u: int, n_o: int, npz: str) -> dict:
     o_dev = 2 if n_dev % 2 == 0 and n_dev > 1 else 1
     f, p, xu, yu, xo, yo = _lenet(n_u, n_o)
     mesh = ldjax.default_mesh(devs, o_devices=o_dev)
-    kw = dict(eta=0.01, loss_kwargs=dict(targets=yu), chunk_size=64, mesh=mesh, method="gram")
-    ldjax.influence(f, p, xu[:64], xo, losses.sft, **kw)  # compile
+    kw = dict(eta=0.01, chunk_size=64, mesh=mesh, method="gram")
+    warm = dict(targets=yu[:64])
+    ldjax.influence(f, p, xu[:64], xo, losses.sft, loss_kwargs=warm, **kw)  # compile
+    kw["loss_kwargs"] = dict(targets=yu)
     t = time.perf_counter()
     inf = ldjax.influence(f, p, xu, xo, losses.sft, **kw)
     seconds = time.perf_counter() - t
@@ -390,6 +392,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         got, _ = fn(args)
         rows += got
+        print(_table(got), file=sys.stderr, flush=True)  # kept even if a later section fails
         print(f"[{name}: {time.perf_counter() - t:.0f} s]", file=sys.stderr, flush=True)
     load = os.getloadavg()
     header = (

@@ -51,9 +51,9 @@ def top_k(score, k: int) -> dict:
       k: how many (at most ``N_u``).
 
     Returns:
-      ``{"helpful": (N_o, k) int, "harmful": (N_o, k) int, "helpful_score", "harmful_score"
-      (N_o, k)}``: indices into U, largest ``S`` first and most negative first. Ties keep the
-      smaller index first (a stable sort).
+      A dict: ``helpful`` and ``harmful``, ``(N_o, k)`` int, indices into U, the largest ``S``
+      first and the most negative first; ``helpful_score`` and ``harmful_score``, ``(N_o, k)``,
+      their scores. Ties keep the smaller index first (a stable sort).
 
     Example:
       >>> import numpy as np
