@@ -393,16 +393,11 @@ def test_target_only_is_the_probe_class_of_the_full_readout():
         kw = dict(eta=0.01, loss_kwargs=dict(targets=y_u), targets_o=y_o)
         full = ldjax.influence(f, p, x_u, x_o, losses.sft, **kw)
         picked = np.asarray(full.delta)[:, np.arange(3), np.asarray(y_o)]
-        for method in ("gram", "jvp"):
-            t = ldjax.influence(
-                f, p, x_u, x_o, losses.sft, target_only=True, method=method, audit_size=2, **kw
-            )
-            assert t.delta.shape == (2, 3) and t.readout == "target"
-            assert rel(t.delta, picked) < 1e-12 and rel(t.delta_loss_o, -picked) < 1e-12
-            # the audit reads the same entry of the real step
-            own = np.asarray(full.delta_loss_o)
-            assert t.audit["actual"].shape == (2, 3) and np.all(t.audit["rel_error"] < 0.1)
-            assert own.shape == (2, 3)
+        t = ldjax.influence(f, p, x_u, x_o, losses.sft, target_only=True, audit_size=2, **kw)
+        assert t.delta.shape == (2, 3) and t.readout == "target" and t.method == "gram"
+        assert rel(t.delta, picked) < 1e-12 and rel(t.delta_loss_o, -picked) < 1e-12
+        # the audit reads the same entry of the real step as the full readout's audit would
+        assert t.audit["actual"].shape == (2, 3) and np.all(t.audit["rel_error"] < 0.1)
         with pytest.raises(ValueError, match="target_only needs targets_o"):
             ldjax.influence(
                 f,
