@@ -394,7 +394,7 @@ def test_target_only_is_the_probe_class_of_the_full_readout():
         full = ldjax.influence(f, p, x_u, x_o, losses.sft, **kw)
         picked = np.asarray(full.delta)[:, np.arange(3), np.asarray(y_o)]
         t = ldjax.influence(f, p, x_u, x_o, losses.sft, target_only=True, audit_size=2, **kw)
-        assert t.delta.shape == (2, 3) and t.readout == "target" and t.method == "gram"
+        assert t.delta.shape == (2, 3) and t.readout == "target"
         assert rel(t.delta, picked) < 1e-12 and rel(t.delta_loss_o, -picked) < 1e-12
         # the audit reads the same entry of the real step as the full readout's audit would
         assert t.audit["actual"].shape == (2, 3) and np.all(t.audit["rel_error"] < 0.1)
