@@ -287,7 +287,7 @@ def section_rss(args) -> list:
             "U=8,000: peak RSS",
             f"{big['seconds']:.1f} s",
             f"{big['maxrss_mb']:,.0f} MB",
-            f"ratio {ratio:.3f} (target <= 1.2)",
+            f"ratio {ratio:.3f} (target <= 1.2), method {big['method']}",
         ),
     ], None
 
