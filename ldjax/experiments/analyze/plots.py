@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import SymLogNorm, TwoSlopeNorm
+from matplotlib.ticker import MaxNLocator
 
 from ldjax.experiments.analyze.readouts import sort_order
 
@@ -171,9 +172,12 @@ def plot_audit(audit: dict, *, what: str = "Δ log π"):
     act = np.asarray(audit["actual"], np.float64).ravel()
     rel = np.asarray(audit["rel_error"], np.float64)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4.3), gridspec_kw=dict(width_ratios=[1.4, 1]))
-    ax.scatter(act, pred, s=4, alpha=0.5, color="#1f77b4", lw=0)
     lim = float(np.max(np.abs(np.r_[pred, act]))) if pred.size else 1.0
-    ax.plot([-lim, lim], [-lim, lim], color="k", lw=0.7, label="y = x")
+    ax.plot([-lim, lim], [-lim, lim], color="k", lw=0.7, label="y = x", zorder=1)
+    ax.scatter(act, pred, s=9, alpha=0.6, color="#1f77b4", lw=0, zorder=2)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(5))
+    ax.ticklabel_format(style="sci", scilimits=(-2, 3))
     ax.set_xlabel(f"actual {what} (one real step on u)")
     ax.set_ylabel(f"predicted {what}")
     ax.set_title(
@@ -183,6 +187,8 @@ def plot_audit(audit: dict, *, what: str = "Δ log π"):
     )
     ax.legend(fontsize=8, loc="upper left")
     bx.hist(np.log10(np.maximum(rel, 1e-16)), bins=min(30, max(5, len(rel))), color="#ff7f0e")
+    bx.xaxis.set_major_locator(MaxNLocator(5))
+    bx.yaxis.set_major_locator(MaxNLocator(integer=True))
     bx.set_xlabel("log10 relative error per audited u")
     bx.set_ylabel("count")
     bx.set_title("‖predicted − actual‖ / ‖actual‖ over the probes", fontsize=9)
