@@ -45,7 +45,13 @@ def _shared(p: argparse.ArgumentParser, out: str) -> None:
         default=None,
         help="the trained model (default: train a small one into OUT/train first)",
     )
-    p.add_argument("--eta", type=positive_float, default=None, help="step size of the step on u")
+    p.add_argument(
+        "--eta",
+        type=positive_float,
+        default=None,
+        help="SGD step size of the step on each u alone (default: mnist, the checkpoint's peak "
+        "lr / batch size; lm, 1e-5)",
+    )
     p.add_argument(
         "--devices",
         type=positive_int,
@@ -75,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="family", required=True)
-    m = sub.add_parser("mnist", help="MNIST classifier: every training digit on every probe")
+    what = "MNIST classifier: every training digit on every probe digit"
+    m = sub.add_parser("mnist", help=what, description=what + " (guide: docs/guides/analyze.md)")
     _shared(m, "out/analyze_mnist")
     m.add_argument(
         "--train",
@@ -94,7 +101,8 @@ def parser() -> argparse.ArgumentParser:
         help="K held-out digits per class from the test split, or an .npz with images/labels "
         "(default 5; --quick 2)",
     )
-    lm = sub.add_parser("lm", help="LM: every training pair on every probe response")
+    what = "LM: every training pair on every probe response"
+    lm = sub.add_parser("lm", help=what, description=what + " (guide: docs/guides/analyze.md)")
     _shared(lm, "out/analyze_lm")
     lm.add_argument("--pairs", default=None, help="JSONL of prompt/chosen/rejected training pairs")
     lm.add_argument(
