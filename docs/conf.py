@@ -95,6 +95,9 @@ CLI_HELP = [
     ("squeeze.txt", "ldjax.experiments.squeeze.cli", ["--help"]),
     ("lm.txt", "ldjax.experiments.lm.cli", ["--help"]),
     ("reproduce.txt", "ldjax.experiments.reproduce.cli", ["--help"]),
+    ("analyze.txt", "ldjax.experiments.analyze.cli", ["--help"]),
+    ("analyze_mnist.txt", "ldjax.experiments.analyze.cli", ["mnist", "--help"]),
+    ("analyze_lm.txt", "ldjax.experiments.analyze.cli", ["lm", "--help"]),
 ]
 
 
@@ -144,7 +147,8 @@ write_cli_help()
 def _drop_builtin_type_docstring(app, what, name, obj, options, lines):
     """``autodata`` of a constant without a doc comment shows its type's docstring (a tuple's:
     "Built-in immutable sequence. ..."); drop it, the page describes the constant instead."""
-    type_doc = (type(obj).__doc__ or "").strip()
+    type_doc = type(obj).__doc__  # not always a string (a class's slot named __doc__)
+    type_doc = type_doc.strip() if isinstance(type_doc, str) else ""
     if (
         what == "data"
         and lines

@@ -29,7 +29,7 @@ from ldjax._src.entk import (
 )
 from ldjax._src.entk import cost as entk_cost
 from ldjax._src.entk_vp import entk_vp
-from ldjax._src.influence import Influence, default_mesh, influence
+from ldjax._src.influence import Influence, default_mesh, influence, load_influence
 from ldjax._src.influence import audit as influence_audit
 from ldjax._src.log_softmax_jacobian import A, A_norm, apply_A
 from ldjax._src.logit_gradient import G
@@ -74,6 +74,7 @@ __all__ = [
     "from_nnx",
     "influence",
     "influence_audit",
+    "load_influence",
     "last_position_mask",
     "load_projected_features",
     "losses",

@@ -22,6 +22,7 @@ ap.add_argument("--process-id", type=int, default=None)
 ap.add_argument("--num-processes", type=int, default=1)
 ap.add_argument("--coordinator", default=None)
 ap.add_argument("--npz", default=None)
+ap.add_argument("--model", choices=("mlp", "lenet"), default="mlp")
 args = ap.parse_args()
 
 jax.config.update("jax_num_cpu_devices", args.devices)
@@ -50,9 +51,22 @@ x_u = np.asarray(rng.normal(size=(args.n_u, 20)), np.float32)
 y_u = rng.integers(0, 10, args.n_u)
 x_o = np.asarray(rng.normal(size=(11, 20)), np.float32)
 y_o = rng.integers(0, 10, 11)
+apply_fn = zoo.mlp_apply
+if args.model == "lenet":  # a conv net: per-example conv gradients on several devices
+    from ldjax.data.mnist import load_default, to_float
+    from ldjax.mnist.models import apply_fn as lenet_apply
+    from ldjax.mnist.models import init_params, make_model
+
+    model = make_model("lenet")
+    apply_fn = lenet_apply(model)
+    params = init_params(model, jax.random.PRNGKey(0))
+    xi, yi = load_default("train")
+    xi = to_float(xi)
+    x_u, y_u = xi[: args.n_u], yi[: args.n_u]
+    x_o, y_o = xi[500:511], yi[500:511]
 mesh = ldjax.default_mesh(o_devices=args.o_devices)
 inf = ldjax.influence(
-    zoo.mlp_apply,
+    apply_fn,
     params,
     jnp.asarray(x_u),
     jnp.asarray(x_o),

@@ -221,3 +221,39 @@ class InfluenceStore:
             out = {k: z[k] for k in z.files}
         out["median_rel_error"] = float(out["median_rel_error"])
         return out
+
+
+def load_influence(path) -> dict:
+    """The arrays of a finished (or partly done) influence folder, read lazily, and its manifest:
+    ``{"manifest": dict, "done": bool, "<name>": StoredArray, ...}`` (``delta``,
+    ``delta_loss_o``, ...; :class:`StoredArray` slices read only the rows asked for).
+
+    Raises:
+      FileNotFoundError: no folder or no ``manifest.json`` in it.
+      ValueError: not an ldjax influence folder.
+
+    Example:
+      >>> res = ldjax.load_influence("out/analyze_mnist/influence")  # doctest: +SKIP
+      >>> res["delta"][:10]                                           # doctest: +SKIP
+    """
+    p = Path(path)
+    mpath = p / "manifest.json"
+    if not mpath.is_file():
+        raise FileNotFoundError(f"{p}: no influence manifest (manifest.json) there")
+    manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{p}: not an ldjax influence folder (format {manifest.get('format')!r})")
+    out = {"manifest": manifest}
+    for name in manifest.get("arrays", {}):
+        spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(p / f"{name}.zarr")}}
+        out[name] = StoredArray(ts.open(spec, open=True).result())
+    n_u = next(iter(manifest["arrays"].values()))["shape"][0] if manifest.get("arrays") else 0
+    chunk = int(manifest.get("config", {}).get("chunk_size", 1))  # examples of U per chunk
+    n_chunks = -(-n_u // max(chunk, 1))
+    n_proc = int(manifest.get("process_count", 1))
+    out["done"] = all(
+        (p / "done" / f"chunk-{ci:06d}.p{k}").exists()
+        for ci in range(n_chunks)
+        for k in range(n_proc)
+    )
+    return out

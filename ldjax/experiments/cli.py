@@ -1,4 +1,4 @@
-"""``ldjax`` command line: ``ldjax mnist | lm | squeeze | reproduce ...``.
+"""``ldjax`` command line: ``ldjax mnist | lm | squeeze | analyze | reproduce ...``.
 
 Each subcommand lives in its own module and is imported only when used.
 """
@@ -20,6 +20,10 @@ COMMANDS = {
     "squeeze": (
         "ldjax.experiments.squeeze.cli",
         "the squeezing effect on the reference toy and random draws",
+    ),
+    "analyze": (
+        "ldjax.experiments.analyze.cli",
+        "batch influence of every training example on every probe (mnist | lm)",
     ),
     "reproduce": (
         "ldjax.experiments.reproduce.cli",

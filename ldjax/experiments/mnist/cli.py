@@ -8,7 +8,9 @@ Usage::
     ldjax mnist --quick               # a smoke run: 5 epochs at peak lr 0.1 on 800 digits
 
 Writes ``summary.json`` and ``mnist_{one_update,per_step,accumulated,confusion,entk}.png`` under
-``--out``. Probes, the eNTK set and the candidates of (a) are held-out (test split) digits. The
+``--out``; with ``--checkpoint-dir DIR`` also the training's checkpoints (one per epoch, the
+format of :mod:`ldjax.training.checkpoint`), which ``ldjax analyze mnist --checkpoint DIR`` reads.
+Probes, the eNTK set and the candidates of (a) are held-out (test split) digits. The
 settings are the preset (``--quick``, else the paper's), then ``--config FILE`` (a JSON of
 :class:`WarmupConfig`, full or partial), then the flags.
 """
@@ -143,6 +145,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="eNTK checkpoints besides epoch 0, log-spaced to the last epoch (default 6)",
     )
     parser.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="also write the training's checkpoints (one per epoch) here, for `ldjax analyze "
+        "mnist --checkpoint DIR`; a folder that already holds them resumes (same config)",
+    )
+    parser.add_argument(
         "--compare-every",
         type=positive_int,
         default=None,
@@ -228,7 +236,14 @@ def run(args: argparse.Namespace, argv_text: str = "ldjax mnist") -> dict[str, A
 
     t_train = time.time()
     params, hist = train(
-        cfg, xi, yi, on_step=steps, on_epoch=kern, progress=common.progress_enabled(args)
+        cfg,
+        xi,
+        yi,
+        ckpt_dir=getattr(args, "checkpoint_dir", None),
+        resume=False,
+        on_step=steps,
+        on_epoch=kern,
+        progress=common.progress_enabled(args),
     )
     t_train = time.time() - t_train
     train_loss, train_acc = evaluate(params, cfg.model, xi[:n_train], yi[:n_train])

@@ -1,0 +1,1 @@
+"""Batch influence: ``ldjax analyze mnist|lm``, its readouts and figures."""

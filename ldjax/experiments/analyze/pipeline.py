@@ -1,0 +1,509 @@
+"""The batch influence jobs behind ``ldjax analyze mnist|lm``: load a trained checkpoint and the
+data, run :func:`ldjax.influence` (streamed to ``<out>/influence``, resumable, audited), and
+compute the readouts and figures.
+
+Both jobs return a summary dict (JSON-able) and a dict of figures; only
+:mod:`ldjax.experiments.analyze.cli` writes files (figures, ``summary.json``, the top-k tables).
+
+Checkpoints read:
+
+* MNIST: the checkpoint folder that ``ldjax mnist --checkpoint-dir DIR`` (or
+  :func:`ldjax.mnist.train.train` with ``ckpt_dir``) writes: numbered epochs, each with
+  ``params``, ``opt_state`` and the training config in its fingerprint; the newest is used.
+* LM: what :func:`ldjax.lm.checkpoint.load_lm` reads: an ``ldjax lm`` run folder (its SFT model,
+  else the pretrained one), a phase's ``ckpt`` folder, or a :func:`~ldjax.lm.checkpoint.save_lm`
+  folder.
+
+Every checkpoint is verified (checksums, the meta's SHA-256) by
+:class:`ldjax.training.checkpoint.Checkpoints` before use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ldjax
+from ldjax import losses
+from ldjax.experiments.analyze import plots, readouts
+
+__all__ = [
+    "load_mnist_checkpoint",
+    "mnist_probes",
+    "run_mnist",
+    "lm_pairs",
+    "lm_probes",
+    "run_lm",
+    "LM_LOSSES",
+]
+
+LM_LOSSES = ("sft", "dpo", "ipo", "slic", "sppo")
+
+
+# ----------------------------------------------------------------------------- MNIST
+
+
+def load_mnist_checkpoint(path) -> dict:
+    """The newest checkpoint of an MNIST training run: ``{"params", "config" (TrainConfig),
+    "model" (name), "step" (epochs completed), "path"}``.
+
+    Raises:
+      FileNotFoundError: no such folder, or no checkpoint in it.
+      ldjax.training.checkpoint.CheckpointError: a damaged or edited checkpoint.
+      ValueError: not a checkpoint of ``ldjax mnist`` training (no training config in its
+        fingerprint, or parameters that are not the recorded model's).
+    """
+    from ldjax.mnist.models import init_params, make_model  # noqa: PLC0415
+    from ldjax.mnist.train import TrainConfig  # noqa: PLC0415
+    from ldjax.training.checkpoint import Checkpoints  # noqa: PLC0415
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"--checkpoint {p}: no such folder")
+    with Checkpoints(p) as ck:
+        if ck.latest() is None:
+            raise FileNotFoundError(
+                f"--checkpoint {p}: holds no checkpoint (expected the folder that "
+                "`ldjax mnist --checkpoint-dir DIR` writes: numbered epoch folders)"
+            )
+        state, meta = ck.restore()
+        step = ck.restored_step
+    fp = meta.get("fingerprint")
+    cfg = fp.get("config") if isinstance(fp, dict) else None
+    if not isinstance(cfg, dict) or "model" not in cfg or "params" not in state:
+        raise ValueError(
+            f"--checkpoint {p}: not a checkpoint of `ldjax mnist` training (no training config "
+            "in its fingerprint or no params)"
+        )
+    try:
+        config = TrainConfig(**cfg)
+    except TypeError as e:
+        raise ValueError(f"--checkpoint {p}: its training config is not ldjax's ({e})") from e
+    model = make_model(config.model)
+    like = jax.eval_shape(lambda k: init_params(model, k), jax.random.PRNGKey(0))
+    params = state["params"]
+    same = jax.tree_util.tree_structure(like) == jax.tree_util.tree_structure(params) and all(
+        np.shape(a) == b.shape
+        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(like))
+    )
+    if not same:
+        raise ValueError(
+            f"--checkpoint {p}: its parameters are not those of the recorded model "
+            f"{config.model!r} (other tree or shapes)"
+        )
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    return dict(params=params, config=config, model=config.model, step=int(step), path=str(p))
+
+
+def mnist_probes(spec, test_images, test_labels, seed: int = 0):
+    """The probes of ``--probes``: ``(images uint8 (N_o, 28, 28), labels (N_o,), description)``.
+
+    ``spec`` is an int K (K held-out digits of every class, the first in file order of the test
+    split) or a path to an ``.npz`` with ``images`` ``(N_o, 28, 28)`` uint8 and ``labels``.
+    """
+    from ldjax.experiments.mnist.analysis import pick_per_class  # noqa: PLC0415
+
+    text = str(spec)
+    if text.isdigit():
+        k = int(text)
+        if k < 1:
+            raise ValueError(f"--probes {spec}: expected K >= 1 digits per class or an .npz file")
+        counts = np.bincount(np.asarray(test_labels), minlength=10)
+        if counts.min() < k:
+            raise ValueError(
+                f"--probes {k}: the test split has only {counts.min()} digits of some class"
+            )
+        idx = pick_per_class(test_labels, k)
+        return test_images[idx], np.asarray(test_labels)[idx], f"{k} test digits per class"
+    path = Path(text)
+    if not path.is_file():
+        raise FileNotFoundError(f"--probes {spec}: neither an integer nor an existing .npz file")
+    try:
+        with np.load(path) as z:
+            images, labels = z["images"], z["labels"]
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(
+            f"--probes {path}: expected an .npz with 'images' (N, 28, 28) uint8 and 'labels' "
+            f"(N,) ({e})"
+        ) from e
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(
+            f"--probes {path}: 'images' must be uint8 (N, 28, 28), got {images.dtype} "
+            f"{images.shape}"
+        )
+    labels = np.asarray(labels)
+    if labels.shape != (len(images),) or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"--probes {path}: 'labels' must be ({len(images)},) ints in 0..9")
+    return images, labels.astype(np.int32), str(path)
+
+
+def _influence_kwargs(opts: dict) -> dict:
+    return dict(
+        chunk_size=opts["chunk_size"],
+        mesh=opts["mesh"],
+        out=str(Path(opts["out"]) / "influence"),
+        audit_size=opts["audit"],
+        audit_seed=opts.get("seed", 0),
+        progress=opts.get("progress", False),
+        method=opts.get("method", "auto"),
+    )
+
+
+def _speed(inf, pairs: int, seconds: float) -> dict:
+    """Chunks computed now (the others were on disk) and the pairs per second of those."""
+    frac = inf.chunks_computed / max(inf.chunks, 1)
+    return dict(
+        chunks=dict(computed=inf.chunks_computed, total=inf.chunks),
+        pairs_per_second=round(frac * pairs / max(seconds, 1e-9), 1) if frac else None,
+    )
+
+
+def _audit_summary(audit: dict | None) -> dict:
+    if not audit:
+        return dict(n=0, note="no audit (--audit 0): the predictions carry no measured error")
+    rel = np.asarray(audit["rel_error"], np.float64)
+    return dict(
+        n=int(rel.size),
+        indices=audit["indices"],
+        median_rel_error=float(audit["median_rel_error"]),
+        max_rel_error=float(rel.max()),
+        rel_error=rel,
+        median_sign_agreement=float(np.median(audit["sign_agreement"])),
+        definition="one real SGD step on each audited u alone (ldjax.actual_step) against the "
+        "prediction: ‖predicted − actual‖ / ‖actual‖ over every probe's readouts",
+    )
+
+
+def run_mnist(
+    ckpt: dict,
+    train: tuple,
+    probes: tuple,
+    *,
+    eta: float,
+    opts: dict,
+    top: int = 5,
+    gallery_probes: int = 6,
+) -> tuple[dict, dict, dict]:
+    """The MNIST job: the influence of every training digit on every probe digit.
+
+    Args:
+      ckpt: :func:`load_mnist_checkpoint`.
+      train: ``(images uint8 (N_u, 28, 28), labels (N_u,))``, the training digits U.
+      probes: ``(images, labels)`` of the probes O (:func:`mnist_probes`).
+      eta: the step size of the step on each u alone (plain SGD on u's cross-entropy).
+      opts: ``chunk_size``, ``mesh``, ``out`` (the run folder), ``audit``, ``seed``,
+        ``progress``, ``method``.
+      top: k of the top-k readouts; gallery_probes: probes shown in the gallery.
+
+    Returns:
+      ``(summary, figures, tables)``: the JSON-able summary, ``{name: Figure}`` and
+      ``{"top_k.json": records}``.
+    """
+    from ldjax.data.mnist import to_float  # noqa: PLC0415
+    from ldjax.mnist.models import apply_fn, make_model  # noqa: PLC0415
+
+    xu_img, yu = train
+    xo_img, yo = probes
+    f = apply_fn(make_model(ckpt["model"]))
+    x_u, x_o = to_float(xu_img), to_float(xo_img)
+    t0 = time.time()
+    inf = ldjax.influence(
+        f,
+        ckpt["params"],
+        jnp.asarray(x_u),
+        jnp.asarray(x_o),
+        losses.sft,
+        eta=eta,
+        loss_kwargs=dict(targets=np.asarray(yu)),
+        targets_o=np.asarray(yo),
+        **_influence_kwargs(opts),
+    )
+    seconds = time.time() - t0
+    s = readouts.scores(inf.delta, yo)
+    tk = readouts.top_k(s, top)
+    classes = list(range(10))
+    agg = readouts.aggregate(s, yu, yo, order_u=classes, order_o=classes)
+    figs = {
+        "heatmap": plots.plot_heatmap(
+            s,
+            yu,
+            yo,
+            title=f"MNIST {ckpt['model']}: predicted Δ log π(y_o|x_o) after one SGD step "
+            f"(η={eta:.3g}) on u",
+            label_u="training digit u, by class",
+            label_o="probe digit o, by class",
+        ),
+        "aggregate": plots.plot_aggregate(
+            agg,
+            title="mean predicted Δ log π(y_o|x_o) by (class of u, class of o)",
+            label_u="class of the training digit u",
+            label_o="class of the probe o",
+        ),
+        "gallery": plots.plot_gallery(
+            tk,
+            xu_img,
+            yu,
+            xo_img,
+            yo,
+            np.linspace(0, len(yo) - 1, min(gallery_probes, len(yo))).astype(int),
+        ),
+    }
+    if inf.audit:
+        figs["audit"] = plots.plot_audit(inf.audit, what="Δ log π(·|x_o)")
+    table = [
+        dict(
+            probe=int(o),
+            label=int(yo[o]),
+            helpful=[
+                dict(u=int(u), label=int(yu[u]), score=float(v))
+                for u, v in zip(tk["helpful"][o], tk["helpful_score"][o])
+            ],
+            harmful=[
+                dict(u=int(u), label=int(yu[u]), score=float(v))
+                for u, v in zip(tk["harmful"][o], tk["harmful_score"][o])
+            ],
+        )
+        for o in range(len(yo))
+    ]
+    same = np.asarray(yu)[:, None] == np.asarray(yo)[None, :]
+    summary = dict(
+        family="mnist",
+        checkpoint=dict(path=ckpt["path"], epoch=ckpt["step"], model=ckpt["model"]),
+        n_u=int(len(yu)),
+        n_o=int(len(yo)),
+        eta=float(eta),
+        method=inf.method,
+        influence_dir=inf.path,
+        seconds=round(seconds, 2),
+        **_speed(inf, len(yu) * len(yo), seconds),
+        audit=_audit_summary(inf.audit),
+        readouts=dict(
+            score="S[u, o] = predicted Δ log π(y_o|x_o) after one SGD step of size eta on u "
+            "alone (its cross-entropy)",
+            top_k=int(tk["helpful"].shape[1]),
+            by_class_pair=dict(mean=agg["mean"], classes=classes),
+            mean_same_class=float(s[same].mean()) if same.any() else None,
+            mean_other_class=float(s[~same].mean()) if (~same).any() else None,
+            fraction_helpful_same_class=float(np.mean(s[same] > 0)) if same.any() else None,
+        ),
+    )
+    return summary, figs, {"top_k.json": table}
+
+
+# ----------------------------------------------------------------------------- LM
+
+
+def _encode(tok, records, field, max_len, max_prompt_len):
+    from ldjax.data.preferences import encode_example  # noqa: PLC0415
+
+    rows = [
+        encode_example(tok, r["prompt"], r[field], max_len=max_len, max_prompt_len=max_prompt_len)
+        for r in records
+    ]
+    return {k: np.stack([r[k] for r in rows]) for k in ("tokens", "targets", "mask")}
+
+
+def lm_pairs(records: Sequence[dict], loss: str, lm_config, params, max_prompt_len: int):
+    """``(x_u, loss_kwargs)`` of the training pairs for ``loss``: ``sft`` steps on (x, y⁺);
+    the pair losses on (x, y⁺) and (x, y⁻), with reference log-probs from ``params`` themselves
+    (the checkpoint is the reference policy: the step is the first one from it)."""
+    from ldjax.lm.tokenizer import ByteTokenizer  # noqa: PLC0415
+    from ldjax.lm.train import sequence_logprobs  # noqa: PLC0415
+
+    if loss not in LM_LOSSES:
+        raise ValueError(f"--loss must be one of {LM_LOSSES}, got {loss!r}")
+    tok = ByteTokenizer()
+    kw = (lm_config.max_len, max_prompt_len)
+    pos = _encode(tok, records, "chosen", *kw)
+    if loss == "sft":
+        return jnp.asarray(pos["tokens"]), dict(targets=pos["targets"], mask=pos["mask"])
+    neg = _encode(tok, records, "rejected", *kw)
+    kwargs = dict(
+        targets_pos=pos["targets"],
+        targets_neg=neg["targets"],
+        mask_pos=pos["mask"],
+        mask_neg=neg["mask"],
+    )
+    if loss != "slic":
+        kwargs.update(
+            ref_logp_pos=sequence_logprobs(params, lm_config, pos).astype(np.float32),
+            ref_logp_neg=sequence_logprobs(params, lm_config, neg).astype(np.float32),
+        )
+    return (jnp.asarray(pos["tokens"]), jnp.asarray(neg["tokens"])), kwargs
+
+
+def lm_probes(records: Sequence[dict], lm_config, max_prompt_len: int, types=None):
+    """Every (record, response type) of the probe records as one probe: ``(data, meta)`` with
+    ``data`` the ``tokens``/``targets``/``mask`` ``(N_o, T)`` and ``meta`` a list of
+    ``{"record", "type", "prompt", "response"}``."""
+    from ldjax.data.probes import probe_types  # noqa: PLC0415
+    from ldjax.lm.tokenizer import ByteTokenizer  # noqa: PLC0415
+
+    tok = ByteTokenizer()
+    rows, meta = [], []
+    for i, r in enumerate(records):
+        kinds = [t for t in probe_types(r) if types is None or t in types]
+        for t in kinds:
+            rows.append(dict(r, _probe=r[t]))
+            meta.append(dict(record=i, type=t, prompt=r["prompt"], response=r[t]))
+    if not rows:
+        raise ValueError(
+            "--probes: no probe responses found (records need a 'prompt' and response fields "
+            "such as 'chosen', 'rejected', 'chosen_gptsemantic', ...)"
+        )
+    return _encode(tok, rows, "_probe", lm_config.max_len, max_prompt_len), meta
+
+
+def _loss_fn(loss: str, beta: float):
+    fn = getattr(losses, loss)
+    if loss in ("dpo", "ipo", "sppo"):
+        return fn, dict(beta=float(beta))
+    return fn, {}
+
+
+def run_lm(
+    params,
+    lm_config,
+    pairs: Sequence[dict],
+    probe_records: Sequence[dict],
+    *,
+    loss: str,
+    eta: float,
+    opts: dict,
+    beta: float = 0.1,
+    max_prompt_len: int | None = None,
+    top: int = 3,
+) -> tuple[dict, dict, dict]:
+    """The LM job: the influence of every training pair on every probe response.
+
+    Args:
+      params, lm_config: the model (:func:`ldjax.lm.checkpoint.load_lm`).
+      pairs: training records (``prompt``, ``chosen``, ``rejected``).
+      probe_records: probe records (``prompt`` and response fields, :func:`lm_probes`).
+      loss: one of :data:`LM_LOSSES`; eta: the SGD step size of the step on each pair alone.
+      opts: as :func:`run_mnist`; beta: the pair losses' β.
+
+    Returns:
+      ``(summary, figures, tables)``; tables ``top_k.json`` and ``top_k.md`` (text).
+    """
+    from ldjax.lm.model import make_apply_fn  # noqa: PLC0415
+
+    mpl = max_prompt_len if max_prompt_len is not None else lm_config.max_len // 2
+    x_u, kw = lm_pairs(pairs, loss, lm_config, params, mpl)
+    data_o, meta = lm_probes(probe_records, lm_config, mpl)
+    loss_fn, hyper = _loss_fn(loss, beta)
+    t0 = time.time()
+    inf = ldjax.influence(
+        make_apply_fn(lm_config),
+        params,
+        x_u,
+        jnp.asarray(data_o["tokens"]),
+        loss_fn,
+        eta=eta,
+        loss_kwargs=dict(kw, **hyper),
+        targets_o=data_o["targets"],
+        mask_o=data_o["mask"],
+        **_influence_kwargs(opts),
+    )
+    seconds = time.time() - t0
+    s = readouts.scores(inf.delta)
+    tk = readouts.top_k(s, top)
+    types = [m["type"] for m in meta]
+    from ldjax.data.probes import PROBE_TYPES  # noqa: PLC0415
+
+    order_o = [t for t in PROBE_TYPES if t in set(types)]
+    groups_u = np.array(["all pairs"] * s.shape[0])
+    agg = readouts.aggregate(s, groups_u, types, order_o=order_o)
+    rows, names = [agg["mean"][0]], ["total"]
+    if inf.terms is not None:
+        for name, term in zip(("y⁺ term", "y⁻ term"), inf.terms):
+            rows.append(readouts.aggregate(term, groups_u, types, order_o=order_o)["mean"][0])
+            names.append(name)
+    by_type = dict(mean=np.stack(rows), count=agg["count"], groups_u=names, groups_o=order_o)
+    figs = {
+        "heatmap": plots.plot_heatmap(
+            s,
+            groups_u,
+            types,
+            order_o=order_o,
+            title=f"LM ({loss}): predicted Δ log π(y_o|x_o) after one step (η={eta:.3g}) on pair u",
+            label_u="training pair u",
+            label_o="probe response, by type",
+        ),
+        "aggregate": plots.plot_aggregate(
+            by_type,
+            title=f"mean predicted Δ log π(y_o|x_o) by probe type ({loss})",
+            label_u="",
+            label_o="probe response type",
+        ),
+    }
+    if inf.audit:
+        figs["audit"] = plots.plot_audit(inf.audit, what="Δ log π(y_o|x_o)")
+    short = [
+        dict(prompt=p["prompt"], chosen=p["chosen"], rejected=p.get("rejected")) for p in pairs
+    ]
+    table = readouts.top_k_table(tk, meta, short, k=top)
+    summary = dict(
+        family="lm",
+        loss=loss,
+        beta=float(beta) if hyper else None,
+        n_u=int(s.shape[0]),
+        n_o=int(s.shape[1]),
+        eta=float(eta),
+        method=inf.method,
+        influence_dir=inf.path,
+        seconds=round(seconds, 2),
+        **_speed(inf, s.size, seconds),
+        audit=_audit_summary(inf.audit),
+        readouts=dict(
+            score="S[u, o] = predicted Δ log π(y_o|x_o) (summed over response tokens) after one "
+            f"SGD step of size eta on pair u alone ({loss})",
+            top_k=int(tk["helpful"].shape[1]),
+            by_type=dict(rows=names, types=order_o, mean=by_type["mean"]),
+        ),
+    )
+    return summary, figs, {"top_k.json": table, "top_k.md": _markdown(table, loss)}
+
+
+def _clip(text: str, n: int = 160) -> str:
+    t = " ".join(str(text).split())
+    return t if len(t) <= n else t[: n - 1] + "…"
+
+
+def _markdown(table: list, loss: str) -> str:
+    lines = [
+        f"# Top training pairs per probe ({loss})",
+        "",
+        "Score: the predicted Δ log π(y_o|x_o) of the probe response after one step on the pair "
+        "alone (positive: the pair raises it).",
+        "",
+    ]
+    for row in table:
+        lines += [
+            f"## probe {row['probe']}: {row['type']} of record {row['record']}",
+            "",
+            f"- prompt: {_clip(row['prompt'])}",
+            f"- response: {_clip(row['response'])}",
+            "",
+        ]
+        for side in ("helpful", "harmful"):
+            lines.append(f"**most {side}**")
+            lines.append("")
+            for e in row[side]:
+                lines.append(
+                    f"1. pair {e['u']} ({e['score']:+.3e}): prompt {_clip(e['prompt'], 80)!r}; "
+                    f"chosen {_clip(e['chosen'], 80)!r}; rejected {_clip(e['rejected'], 80)!r}"
+                )
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def config_dict(obj) -> dict:
+    """A dataclass config as a dict (for the summary)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
