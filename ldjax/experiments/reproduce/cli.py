@@ -66,7 +66,7 @@ def default_data_path() -> str | None:
 
 class TruncatedTrack:
     """The first evaluations (steps <= ``last_step``) of a tracker, with the plotting interface
-    (``steps``, ``sets``, ``all_types``, ``label``, ``curve``)."""
+    (``steps``, ``sets``, ``all_types``, ``label``, ``curve``, ``arrays``)."""
 
     def __init__(self, track, last_step: int):
         self.track = track
@@ -80,6 +80,9 @@ class TruncatedTrack:
 
     def curve(self, s, t, metric="logp_sum"):
         return self.track.curve(s, t, metric)[: self.n]
+
+    def arrays(self, s, metric):
+        return self.track.arrays(s, metric)[: self.n]
 
 
 def _curves(track) -> dict:
