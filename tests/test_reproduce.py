@@ -443,3 +443,74 @@ def test_redecide_an_earlier_claims_json(tmp_path):
     assert "t-interval over seeds" in (out / "claims.md").read_text()
     src.write_text("{}")
     assert main(["lm", "--redecide", str(src), "--out", str(out)]) == 2
+
+
+def _paper_layout_file(path, n=40, seed=7):
+    """A JSONL of the paper's layout (prompt + the 13 response fields) that shares nothing with
+    the shared probe file: its own words (non-ASCII among them), fields in reverse order, an
+    extra field, prompts with and without the open ``Assistant:`` turn, fewer records."""
+    from ldjax.data.probes import PROBE_TYPES
+
+    rng = np.random.default_rng(seed)
+    words = "río árbol piedra luz sombra camino viento agua fuego tierra noche día mar sol".split()
+    words += "kettle orbit lantern pebble meadow quartz violet harbor ember glacier".split()
+
+    def sent(k):
+        return " " + " ".join(rng.choice(words, k)) + "."
+
+    recs = []
+    for i in range(n):
+        r = {"meta": {"id": i}}
+        for t in reversed(PROBE_TYPES):
+            r[t] = sent(int(rng.integers(4, 12)))
+        r["random_permute"] = " " + " ".join(rng.permutation(r["chosen"].split()))
+        turn = "\n\nAssistant:" if i % 3 else ""
+        r["prompt"] = f"\n\nHuman: ¿{' '.join(rng.choice(words, 6))}?{turn}"
+        recs.append(r)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), "utf-8")
+    return recs
+
+
+def test_a_held_out_file_of_the_paper_layout_is_read_as_is(tmp_path):
+    from ldjax.data.probes import PROBE_TYPES
+    from ldjax.experiments.lm.pipeline import load_records, prepare_data
+    from ldjax.experiments.lm.tracking import common_probe_types
+    from ldjax.lm.config import QUICK
+
+    path = tmp_path / "heldout_layout.jsonl"
+    recs = _paper_layout_file(path)
+    cfg = QUICK.replace(data={"n_heldout": 6, "n_track": 4, "n_records": None})
+    records, source = load_records(str(path), cfg)
+    data = prepare_data(records, cfg, source)
+    assert source == str(path) and len(data.train) == 34 and len(data.heldout) == 6
+    # every probe field comes from the file (nothing rebuilt from the shared file's layout)
+    by_prompt = {r["prompt"]: r for r in recs}
+    for r in data.track_train + data.track_test:
+        for t in PROBE_TYPES:
+            assert r[t] == by_prompt[r["prompt"]][t]
+    types = common_probe_types({"train": data.track_train, "test": data.track_test})
+    assert types == list(PROBE_TYPES)
+
+
+@pytest.mark.slow
+def test_claims_run_end_to_end_on_a_held_out_layout_file(tmp_path):
+    from ldjax.data.probes import PROBE_TYPES
+    from ldjax.experiments.reproduce.cli import main
+
+    path = tmp_path / "heldout_layout.jsonl"
+    _paper_layout_file(path)
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(dict(TINY, data=dict(TINY["data"], n_records=None, n_heldout=6))))
+    out = tmp_path / "out"
+    args = ["lm", "--data", str(path), "--quick", "--config", str(cfg), "--out", str(out)]
+    assert main([*args, "--no-cache"]) == 0
+    doc = json.loads((out / "claims.json").read_text())
+    assert doc["data"] == str(path) and doc["n_train"] == 34 and doc["n_heldout"] == 6
+    # every claim is decided from this file's probes: none MISSING, every effect finite
+    assert doc["outcomes"]["MISSING"] == 0
+    for r in doc["claims"]:
+        for e in r["effects"]:
+            assert np.all(np.isfinite(e["d"])) or r["id"] == "extend_less_degenerate", r["id"]
+    m = doc["measurements_per_seed"][0]
+    for t in PROBE_TYPES:  # the file's own 13 types are tracked, incl. those no builder makes
+        assert f"sft.train.{t}.logp_sum.change" in m

@@ -453,8 +453,15 @@ def _pair_loss(loss: str, hyper: tuple) -> Callable:
     return functools.partial(pair_objective, loss=loss, **dict(hyper))
 
 
-def monitor_spec(kind: str, lm_config, cfg: PreferenceConfig | None = None, ref_params=None):
-    """The :class:`~ldjax.training.monitor.StepSpec` of an LM phase's batch.
+def monitor_spec(
+    kind: str,
+    lm_config,
+    cfg: PreferenceConfig | None = None,
+    ref_params=None,
+    n_batch_probes: int = 4,
+):
+    """The :class:`~ldjax.training.monitor.StepSpec` of an LM phase's batch (``batch_probes``:
+    the first ``n_batch_probes`` responses of the batch, y⁺ for the DPO family).
 
     ``kind="sft"`` (SFT, pretraining): one branch, ``sft_objective`` with the batch's token count,
     no negative term. ``kind="pair"``: the DPO-family objective of ``cfg.loss`` on ``(x⁺, x⁻)``,
@@ -470,6 +477,7 @@ def monitor_spec(kind: str, lm_config, cfg: PreferenceConfig | None = None, ref_
                 "mask": b["mask"],
                 "ntok": np.float32(max(1, int(np.sum(b["mask"])))),
             },
+            batch_probes=lambda b: (b["tokens"][:n_batch_probes], b["mask"][:n_batch_probes]),
         )
     if kind != "pair":
         raise ValueError(f"kind must be 'sft' or 'pair', got {kind!r}")
@@ -502,13 +510,14 @@ def monitor_spec(kind: str, lm_config, cfg: PreferenceConfig | None = None, ref_
         kwargs,
         negative=(1,),
         negative_tokens=lambda b: (b["neg_targets"], b["neg_mask"]),
+        batch_probes=lambda b: (b["pos_tokens"][:n_batch_probes], b["pos_mask"][:n_batch_probes]),
     )
 
 
 def squeeze_monitor(
     lm_config,
     kind: str,
-    probes: Sequence[dict],
+    probes: Sequence[dict] | tuple,
     *,
     cfg: PreferenceConfig | None = None,
     ref_params=None,
@@ -519,21 +528,28 @@ def squeeze_monitor(
     tokenizer=None,
 ) -> SqueezeMonitor:
     """A :class:`~ldjax.training.monitor.SqueezeMonitor` for an LM phase: the probes are
-    ``(prompt, record[field])`` of ``probes`` (a few records; y⁺ by default), the batch seen
-    through :func:`monitor_spec`. Pass it in the phase's ``callbacks``."""
-    if not probes:
-        raise ValueError("squeeze_monitor needs at least one probe record")
-    enc = encode_field(
-        tokenizer or ByteTokenizer(),
-        probes,
-        field,
-        max_len=lm_config.max_len,
-        max_prompt_len=max_prompt_len,
-    )
+    ``(prompt, record[field])`` of ``probes`` (a few records; y⁺ by default), or with
+    ``probes=("batch", n)`` the first n responses of each measured step's own batch (y⁺ of
+    its pairs); the batch is seen through :func:`monitor_spec`. Pass it in the phase's
+    ``callbacks``."""
+    n_batch = 4
+    if isinstance(probes, tuple) and len(probes) == 2 and probes[0] == "batch":
+        n_batch, probe_arg = int(probes[1]), "batch"
+    else:
+        if not probes or isinstance(probes, str):
+            raise ValueError("squeeze_monitor needs probe records or ('batch', n)")
+        enc = encode_field(
+            tokenizer or ByteTokenizer(),
+            probes,
+            field,
+            max_len=lm_config.max_len,
+            max_prompt_len=max_prompt_len,
+        )
+        probe_arg = {"tokens": enc["tokens"], "mask": enc["mask"]}
     return SqueezeMonitor(
         make_apply_fn(lm_config),
-        {"tokens": enc["tokens"], "mask": enc["mask"]},
-        monitor_spec(kind, lm_config, cfg, ref_params),
+        probe_arg,
+        monitor_spec(kind, lm_config, cfg, ref_params, n_batch),
         every=every,
         threshold=threshold,
     )

@@ -110,6 +110,9 @@ class StepSpec:
         (DPO family: ``(1,)``; SFT: ``()``).
       negative_tokens: ``batch -> (targets, mask)`` of the negative branch's response, ``(N, T)``
         each, for ``neg_is_peak`` (None: not measured, NaN).
+      batch_probes: ``batch -> (inputs, mask)``: the probes the monitor takes from the step's
+        own batch with ``probes="batch"`` (LM: y⁺ of the step's pairs, the responses that share
+        y⁻'s prompt — where the paper's squeezing acts most directly).
     """
 
     loss_fn: Callable
@@ -117,6 +120,7 @@ class StepSpec:
     kwargs: Callable[[Any, Any], dict]
     negative: tuple = ()
     negative_tokens: Callable[[Any], tuple] | None = None
+    batch_probes: Callable[[Any], tuple] | None = None
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -174,7 +178,8 @@ class SqueezeMonitor:
     Args:
       apply_fn: ``apply_fn(params, x) -> (N, T, V)`` logits (flax variables: ``params`` trained).
       probes: ``{"tokens": (N_o, T) inputs, "mask": (N_o, T)}``: the tracked probes and the
-        positions of their responses (a few; e.g. y⁺ of some training prompts).
+        positions of their responses (a few; e.g. y⁺ of some training prompts); or ``"batch"``:
+        the probes of each measured step's own batch (``spec.batch_probes``).
       spec: the :class:`StepSpec` of the training loss.
       every: measure at updates ``s`` with ``(s + 1) % every == 0`` (and the first, ``s = 0``).
       threshold: flag squeezing when ``argmax_share`` exceeds it, in (0, 1).
@@ -198,17 +203,15 @@ class SqueezeMonitor:
     ):
         if not isinstance(spec, StepSpec):
             raise ValueError(f"spec must be a StepSpec, got {type(spec).__name__}")
-        for k in ("tokens", "mask"):
-            if k not in probes:
-                raise ValueError(f"probes needs {k!r} (have {sorted(probes)})")
-        tok, mask = np.asarray(probes["tokens"]), np.asarray(probes["mask"])
-        if mask.shape != tok.shape[:2] or tok.ndim < 2:
-            raise ValueError(
-                f"probes: mask must be (N_o, T) like the tokens' first two axes, got "
-                f"{mask.shape} for tokens {tok.shape}"
-            )
-        if not mask.any():
-            raise ValueError("probes: the mask selects no response position")
+        if isinstance(probes, str):
+            if probes != "batch" or spec.batch_probes is None:
+                raise ValueError(
+                    "probes must be a dict of tokens and mask, or 'batch' with a spec that has "
+                    f"batch_probes; got {probes!r}"
+                )
+            self.x_o = self.mask_o = None
+        else:
+            self.x_o, self.mask_o = self._check_probes(probes)
         if int(every) < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         if not 0 < float(threshold) < 1:
@@ -218,10 +221,25 @@ class SqueezeMonitor:
         if spec.negative_tokens is not None and len(spec.negative) != 1:
             raise ValueError("negative_tokens needs exactly one negative branch")
         self.apply_fn, self.spec = apply_fn, spec
-        self.x_o, self.mask_o = jnp.asarray(tok), jnp.asarray(mask)
         self.every, self.threshold, self.eta = int(every), float(threshold), eta
         self.prefix = prefix
         self.records: list[dict] = []
+        self._pending = False
+
+    @staticmethod
+    def _check_probes(probes) -> tuple:
+        if not isinstance(probes, dict) or not {"tokens", "mask"} <= set(probes):
+            have = sorted(probes) if isinstance(probes, dict) else type(probes).__name__
+            raise ValueError(f"probes needs 'tokens' and 'mask' (have {have})")
+        tok, mask = np.asarray(probes["tokens"]), np.asarray(probes["mask"])
+        if tok.ndim < 2 or mask.shape != tok.shape[:2]:
+            raise ValueError(
+                f"probes: mask must be (N_o, T) like the tokens' first two axes, got "
+                f"{mask.shape} for tokens {tok.shape}"
+            )
+        if not mask.any():
+            raise ValueError("probes: the mask selects no response position")
+        return jnp.asarray(tok), jnp.asarray(mask)
 
     def due(self, s: int) -> bool:
         """Whether update ``s`` (0-based) is measured."""
@@ -235,6 +253,9 @@ class SqueezeMonitor:
         for b in sp.negative:
             if not 0 <= b < len(xs):
                 raise ValueError(f"negative branch {b} but the spec gives {len(xs)} inputs")
+        x_o, mask_o = self.x_o, self.mask_o
+        if x_o is None:
+            x_o, mask_o = (jnp.asarray(a) for a in sp.batch_probes(batch))
         neg_tok = None
         if sp.negative_tokens is not None:
             neg_tok = tuple(jnp.asarray(a) for a in sp.negative_tokens(batch))
@@ -243,8 +264,8 @@ class SqueezeMonitor:
             sp.loss_fn,
             tuple(sp.negative),
             params,
-            self.x_o,
-            self.mask_o,
+            x_o,
+            mask_o,
             tuple(jnp.asarray(x) for x in xs),
             {k: jnp.asarray(v) for k, v in sp.kwargs(batch, params).items()},
             jnp.float32(eta),
@@ -256,17 +277,21 @@ class SqueezeMonitor:
         return {k: r[k] for k in STATS}
 
     def __call__(self, s, params_before, batch, params_after=None, metrics=None, opt_state=None):
-        """The loop hook: measures at due updates, returns ``{prefix + name: value}`` or None."""
+        """The loop hook: measures at due updates, returns ``{prefix + name: value}`` or None. A
+        due update with learning rate 0 (a warm-up's first step moves nothing) is measured at
+        the next update with a positive rate instead."""
         s = int(s)
-        if not self.due(s):
+        if not (self.due(s) or self._pending):
             return None
         eta = (metrics or {}).get("lr", self.eta)
         if eta is None:
             raise ValueError(
                 "SqueezeMonitor: the step's metrics carry no 'lr'; pass eta= to the monitor"
             )
-        if not eta > 0:  # a warm-up step at rate 0 moves nothing: predict per unit rate
-            eta = self.eta or 1.0
+        if not float(eta) > 0:
+            self._pending = True
+            return None
+        self._pending = False
         r = self.measure(params_before, batch, float(eta))
         self.records.append({"step": s + 1, **r})
         return {self.prefix + k: v for k, v in r.items()}
