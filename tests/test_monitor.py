@@ -128,13 +128,15 @@ def test_closed_form_when_K_is_the_identity():
     assert r["argmax_share"] == pytest.approx(dpi[4] / (0.5 * np.abs(dpi).sum()), rel=1e-4)
 
 
+_STEPS: dict = {}
+
+
 def _loop(spec, params, steps, every=2, lr=0.05):
     """A DPO or SFT run on the one training loop with the monitor as a callback: the pairs share
     their context (y⁺ and y⁻ after the same prompt: x⁺ = x⁻), the probes are the y⁺ inputs."""
     batch = _dpo_batch(jax.random.PRNGKey(3), same_context=True)
     loss_fn, tx = spec.loss_fn, optax.sgd(lr)
 
-    @jax.jit
     def step(p, o, b, s):
         def obj(p):
             xs = spec.inputs(b)
@@ -144,6 +146,8 @@ def _loop(spec, params, steps, every=2, lr=0.05):
         loss, g = jax.value_and_grad(obj)(p)
         u, o = tx.update(g, o, p)
         return optax.apply_updates(p, u), o, {"loss": loss, "lr": jnp.float32(lr)}
+
+    step = _STEPS.setdefault((id(spec), lr), jax.jit(step))  # one compile per spec
 
     probes = {"tokens": batch["pos"], "mask": batch["m"]}
     mon = SqueezeMonitor(_mlp, probes, spec, every=every)
@@ -163,10 +167,17 @@ def test_fires_on_off_policy_dpo_and_stays_quiet_on_sft():
     peaky = _params(jax.random.PRNGKey(0), peak=4.0)  # π peaks on token V-1; y⁻ never is it
     flat = jax.tree_util.tree_map(lambda a: 0.05 * a, _params(jax.random.PRNGKey(0)))
     mon, r = _loop(DPO, peaky, 6)
+    peaky_records = mon.records
     shares = [x["argmax_share"] for x in mon.records]
     assert mon.fired() == [1, 2, 4, 6] and min(shares) > 0.9, shares
     assert all(x["neg_is_peak"] == 0.0 for x in mon.records)
     assert all(x["mass_to_argmax"] > 0 and x["d_argmax_path_neg"] > 0 for x in mon.records)
+    # as a hook the whole step's Δ y* comes from the loop's actual update; for SGD at the same
+    # rate it is the SGD prediction of the decomposition
+    batch = _dpo_batch(jax.random.PRNGKey(3), same_context=True)
+    sgd = mon.measure(peaky, batch, 0.05)
+    assert mon.records[0]["d_argmax_path"] == pytest.approx(sgd["d_argmax_path"], rel=1e-3)
+    assert mon.records[0]["argmax_share"] == pytest.approx(sgd["argmax_share"], rel=1e-5)
     # the run's history: one entry per update, NaN where the monitor did not measure
     h = r.history["squeeze/argmax_share"]
     assert len(h) == len(r.history["step"]) == 6
@@ -176,11 +187,7 @@ def test_fires_on_off_policy_dpo_and_stays_quiet_on_sft():
     # the same DPO from a flat π: the mass spreads over the vocabulary, no flag
     mon, _ = _loop(DPO, flat, 4)
     assert mon.fired() == [] and max(x["argmax_share"] for x in mon.records) < 0.5
-    assert (
-        max(x["A_norm"] for x in mon.records)
-        < 3.4
-        < min(x["A_norm"] for x in _loop(DPO, peaky, 2)[0].records)
-    )
+    assert max(x["A_norm"] for x in mon.records) < 3.4 < min(x["A_norm"] for x in peaky_records)
     # SFT from the peaky model: no negative term, nothing moves onto the argmax by it
     mon, r = _loop(SFT, peaky, 4)
     assert mon.fired() == [] and len(mon.records) == 3

@@ -23,7 +23,9 @@ position and Δπ_v = π_v Δlog π_v (first order), the monitor logs
   goes to the peak); with π flat it spreads over all tokens (share → 1/(V−1)); with y⁻ the
   peak it is −1 — the paper's condition as one number;
 * ``d_argmax_path``: the predicted change of the argmax path y* = Σ_m log max_v π_m by the
-  whole step (all terms), mean over probes; ``d_argmax_path_neg``: the negative term's part;
+  whole step, mean over probes: A·J_o Δθ of the loop's actual update Δθ = θ_after − θ_before
+  when the monitor runs as a loop hook (the real optimizer's step, first order), else of the
+  SGD step −η Σ_b K G_b; ``d_argmax_path_neg``: the negative term's part (SGD at rate η);
 * ``A_norm``: peakiness, the mean over response positions of ‖A_m‖_F = √(V − 2 + V‖π_m‖²);
 * ``neg_is_peak``: the share of the negative branch's response tokens that are the model's own
   argmax at their position (the paper's condition asks for y⁻ *not* to be the peak);
@@ -37,9 +39,11 @@ opt_state_before) -> dict | None``: pass it in ``callbacks`` of :func:`ldjax.tra
 (NaN at the steps it skips). ``η`` is ``metrics["lr"]`` when the step reports its learning rate
 (the LM phases do), else the ``eta`` given. With an adaptive optimizer (RMSprop, Adam) the
 magnitudes are those of an SGD step of the same rate; ``argmax_share`` and the flag do not
-depend on the scale. Cost per measured step: one forward + backward per branch on the batch and
-one linearised forward of the probes (:func:`ldjax.entk_vp`'s cheap form), all in one jitted
-function.
+depend on the scale. Cost per measured step, in one jitted function: a forward pass of the
+batch, a backward pass of its negative branch only (DPO: half of the batch; SFT: none), and one
+linearised forward of the few probes with two JVPs (:func:`ldjax.entk_vp`'s cheap form) —
+about half a training step; at the default ``every=10`` ≈ 5 % of the training time
+(``benchmarks/bench_monitor.py``).
 
 Examples:
   A linear softmax model over V = 10 tokens whose probe shares the batch's input (K = I): DPO
@@ -124,7 +128,7 @@ class StepSpec:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _stats(apply_fn, loss_fn, negative, params, x_o, mask_o, xs, kwargs, eta, neg_tok):
+def _stats(apply_fn, loss_fn, negative, params, x_o, mask_o, xs, kwargs, eta, neg_tok, delta):
     f, p = trainable_fn(apply_fn, params)
     zs, vjps = [], []
     for x in xs:
@@ -132,14 +136,28 @@ def _stats(apply_fn, loss_fn, negative, params, x_o, mask_o, xs, kwargs, eta, ne
         zs.append(z)
         vjps.append(vjp)
     grads = jax.grad(lambda *z: jnp.sum(loss_fn(*z, **kwargs)), argnums=tuple(range(len(zs))))(*zs)
-    dirs = [vjp(g.astype(z.dtype))[0] for vjp, g, z in zip(vjps, grads, zs)]
+    # (a backward pass only where its result is used: with ``delta`` only the negative branches)
+    dirs = {
+        b: vjps[b](grads[b].astype(zs[b].dtype))[0]
+        for b in range(len(zs))
+        if delta is None or b in negative
+    }
     add = lambda ts: jax.tree_util.tree_map(lambda *a: sum(a[1:], a[0]), *ts)
     zero = jax.tree_util.tree_map(jnp.zeros_like, p)
-    d_all = add(dirs)
-    d_neg = add([dirs[b] for b in negative]) if negative else zero
+    # Δθ of the whole step: the loop's actual update, or the SGD step −η Σ_b J_bᵀ G_b
+    d_all = (
+        delta
+        if delta is not None
+        else jax.tree_util.tree_map(lambda a: -eta * a, add(list(dirs.values())))
+    )
+    d_neg = (
+        jax.tree_util.tree_map(lambda a: -eta * a, add([dirs[b] for b in negative]))
+        if negative
+        else zero
+    )
     z_o, jvp_o = jax.linearize(lambda q: f(q, x_o), p)
-    stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), d_all, d_neg)
-    dz = -eta * jax.vmap(jvp_o)(stacked)  # (2, N_o, T, V): Δz of the step and of its negative term
+    stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a.astype(b.dtype), b]), d_all, d_neg)
+    dz = jax.vmap(jvp_o)(stacked)  # (2, N_o, T, V): Δz of the step and of its negative term
     z_o = z_o.astype(jnp.float32)
     dz = dz.astype(jnp.float32)
     logp = jax.nn.log_softmax(z_o, axis=-1)
@@ -245,8 +263,11 @@ class SqueezeMonitor:
         """Whether update ``s`` (0-based) is measured."""
         return s == 0 or (s + 1) % self.every == 0
 
-    def measure(self, params, batch, eta: float) -> dict:
-        """The statistics (:data:`STATS`) of one step on ``batch`` from ``params`` at rate η."""
+    def measure(self, params, batch, eta: float, params_after=None) -> dict:
+        """The statistics (:data:`STATS`) of one step on ``batch`` from ``params`` at rate η.
+        With ``params_after`` (the loop's parameters after the step) the whole step's
+        ``d_argmax_path`` is ``A·J_o Δθ`` of the actual update Δθ (the real optimizer's) and only
+        the negative branches need a backward pass; without, it is the SGD step's."""
         sp = self.spec
         xs = sp.inputs(batch)
         xs = tuple(xs) if isinstance(xs, (tuple, list)) else (xs,)
@@ -270,6 +291,13 @@ class SqueezeMonitor:
             {k: jnp.asarray(v) for k, v in sp.kwargs(batch, params).items()},
             jnp.float32(eta),
             neg_tok,
+            None
+            if params_after is None
+            else jax.tree_util.tree_map(
+                lambda a, b: jnp.asarray(a) - jnp.asarray(b),
+                trainable_fn(self.apply_fn, params_after)[1],
+                trainable_fn(self.apply_fn, params)[1],
+            ),
         )
         r = {k: float(v) for k, v in jax.device_get(out).items()}
         r.setdefault("neg_is_peak", float("nan"))
@@ -292,7 +320,7 @@ class SqueezeMonitor:
             self._pending = True
             return None
         self._pending = False
-        r = self.measure(params_before, batch, float(eta))
+        r = self.measure(params_before, batch, float(eta), params_after)
         self.records.append({"step": s + 1, **r})
         return {self.prefix + k: v for k, v in r.items()}
 

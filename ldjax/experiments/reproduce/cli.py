@@ -382,6 +382,12 @@ def reproduce_lm(
             runs=runs,
         )
         per_seed.append(res["measurements"])
+        # each seed's per-prompt measurements as soon as it is done (a long run that is stopped
+        # keeps its finished seeds: C.evaluate_claims on these files decides them)
+        write_text(
+            out / f"seed{s}" / "measurements.json",
+            json.dumps(res["measurements"], default=float) + "\n",
+        )
         timings.append(res["timings"])
         results.append(res)
     with common.staged_output(out) as stage:
