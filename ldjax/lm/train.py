@@ -522,7 +522,7 @@ def squeeze_monitor(
     cfg: PreferenceConfig | None = None,
     ref_params=None,
     field: str = "chosen",
-    every: int = 10,
+    every: int = 20,
     threshold: float = 0.5,
     max_prompt_len: int = 128,
     tokenizer=None,

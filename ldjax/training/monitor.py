@@ -42,8 +42,9 @@ magnitudes are those of an SGD step of the same rate; ``argmax_share`` and the f
 depend on the scale. Cost per measured step, in one jitted function: a forward pass of the
 batch, a backward pass of its negative branch only (DPO: half of the batch; SFT: none), and one
 linearised forward of the few probes with two JVPs (:func:`ldjax.entk_vp`'s cheap form) —
-about half a training step; at the default ``every=10`` ≈ 5 % of the training time
-(``benchmarks/bench_monitor.py``).
+about one training step of the DPO family (its forward needs both branches), less for SFT; at
+the default ``every=20`` ≈ 5 % of the training time (``benchmarks/bench_monitor.py``;
+``every=10`` ≈ 10 %).
 
 Examples:
   A linear softmax model over V = 10 tokens whose probe shares the batch's input (K = I): DPO
@@ -128,8 +129,13 @@ class StepSpec:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _stats(apply_fn, loss_fn, negative, params, x_o, mask_o, xs, kwargs, eta, neg_tok, delta):
+def _stats(apply_fn, loss_fn, negative, params, x_o, mask_o, xs, kwargs, eta, neg_tok, after):
     f, p = trainable_fn(apply_fn, params)
+    delta = (
+        None
+        if after is None
+        else jax.tree_util.tree_map(lambda a, b: a - b, trainable_fn(apply_fn, after)[1], p)
+    )
     zs, vjps = [], []
     for x in xs:
         z, vjp = jax.vjp(lambda q, x=x: f(q, x), p)
@@ -214,7 +220,7 @@ class SqueezeMonitor:
         probes: dict,
         spec: StepSpec,
         *,
-        every: int = 10,
+        every: int = 20,
         threshold: float = 0.5,
         eta: float | None = None,
         prefix: str = "squeeze/",
@@ -291,13 +297,7 @@ class SqueezeMonitor:
             {k: jnp.asarray(v) for k, v in sp.kwargs(batch, params).items()},
             jnp.float32(eta),
             neg_tok,
-            None
-            if params_after is None
-            else jax.tree_util.tree_map(
-                lambda a, b: jnp.asarray(a) - jnp.asarray(b),
-                trainable_fn(self.apply_fn, params_after)[1],
-                trainable_fn(self.apply_fn, params)[1],
-            ),
+            params_after,
         )
         r = {k: float(v) for k, v in jax.device_get(out).items()}
         r.setdefault("neg_is_peak", float("nan"))
