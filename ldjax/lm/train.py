@@ -612,11 +612,10 @@ def run_phase(
     def batch_fn(s, params):
         return get_batch(batch_indices(data_key, s, n, cfg.batch_size), s, params, sample_key)
 
-    hook = (
-        None
-        if on_step is None
-        else (lambda s, before, batch, after, metrics, state: on_step(s + 1, metrics))
-    )
+    def hook(s, before, batch, after, metrics, state):  # a notification: its result is not logged
+        on_step(s + 1, metrics)
+
+    hook = None if on_step is None else hook
     r = train_loop(
         step_fn,
         params,
