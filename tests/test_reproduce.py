@@ -514,3 +514,20 @@ def test_claims_run_end_to_end_on_a_held_out_layout_file(tmp_path):
     m = doc["measurements_per_seed"][0]
     for t in PROBE_TYPES:  # the file's own 13 types are tracked, incl. those no builder makes
         assert f"sft.train.{t}.logp_sum.change" in m
+
+
+def test_redecide_a_stopped_run_from_its_per_prompt_seed_files(tmp_path):
+    from ldjax.experiments.reproduce.cli import main
+
+    run = tmp_path / "run"
+    for s, m in enumerate(_seeds()[:2]):  # two seeds finished, per-prompt measurements
+        (run / f"seed{s}").mkdir(parents=True)
+        (run / f"seed{s}" / "measurements.json").write_text(json.dumps(m))
+    out = tmp_path / "new"
+    assert main(["lm", "--redecide", str(run), "--out", str(out)]) == 0
+    doc = json.loads((out / "claims.json").read_text())
+    (e,) = next(r for r in doc["claims"] if r["id"] == "sft_chosen_rises")["effects"]
+    assert (e["n_seeds"], e["n_prompts"]) == (2, N_PROMPTS) and e["status"] == "PASS"
+    assert np.shape(e["d"]) == (2, N_PROMPTS)
+    assert "seeds × prompts" in (out / "claims.md").read_text()
+    assert main(["lm", "--redecide", str(tmp_path / "empty"), "--out", str(out)]) == 2

@@ -53,6 +53,7 @@ __all__ = [
     "run_seed",
     "reproduce_lm",
     "redecide",
+    "load_for_redecide",
     "TruncatedTrack",
 ]
 
@@ -524,7 +525,8 @@ def _parser():
         "--redecide",
         metavar="CLAIMS_JSON",
         help="train nothing: decide the claims again, under the current rule, from the per-seed "
-        "measurements of an earlier claims.json, and write claims.md/claims.json to --out",
+        "measurements of an earlier claims.json (or of the seed*/measurements.json in a run's "
+        "--out folder, finished or stopped), and write claims.md/claims.json to --out",
     )
     p.add_argument(
         "--long-sft",
@@ -556,23 +558,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def load_for_redecide(path) -> dict:
+    """A document for :func:`redecide`: an earlier ``claims.json``, or the ``--out`` folder of a
+    run (finished or stopped), whose ``seed*/measurements.json`` (per-prompt measurements,
+    written as each seed finishes) are read in seed order."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("seed*/measurements.json"), key=lambda f: int(f.parent.name[4:]))
+        if not files:
+            raise ValueError(
+                f"{path}: no seed*/measurements.json (is it a reproduce --out folder?)"
+            )
+        return {
+            "command": f"(the finished seeds under {path})",
+            "data": str(path),
+            "seeds": [int(f.parent.name[4:]) for f in files],
+            "per_prompt": True,
+            "measurements_per_seed": [json.loads(f.read_text(encoding="utf-8")) for f in files],
+        }
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def redecide(doc: dict, out, *, command: str = "") -> dict:
     """The claims of an earlier ``claims.json`` document decided again from its
     ``measurements_per_seed`` (per-seed numbers; per-prompt values, when the document has them
-    only in its rows' ``d``, are not recovered — the decision is then over seeds, ``P = 1``).
+    only in its rows' ``d``, are not recovered — the decision is then over seeds, ``P = 1``), or
+    of a run folder's per-prompt seed files (:func:`load_for_redecide`: seeds × prompts).
     Writes ``out/claims.json`` and ``out/claims.md``; returns the new document."""
     if not isinstance(doc, dict) or not doc.get("measurements_per_seed"):
         raise ValueError("the claims JSON has no 'measurements_per_seed'")
     per_seed = doc["measurements_per_seed"]
+    per_prompt = bool(doc.get("per_prompt"))
     rows = C.evaluate_claims(per_seed)
     new = dict(doc)
     new.update(
         claims=rows,
         outcomes=C.count_outcomes(rows),
         redecided={"command": command, "from_command": doc.get("command", "")},
-        decision_rule="ldjax.experiments.stats.decide: 95 % t-interval of the paired effect over "
-        "seeds (per-seed means; no per-prompt values in the source)",
+        decision_rule="ldjax.experiments.stats.decide: 95 % t-interval of the paired effect "
+        + (
+            "over seeds x prompts (crossed; Satterthwaite df)"
+            if per_prompt
+            else "over seeds (per-seed means; no per-prompt values in the source)"
+        ),
     )
+    if per_prompt:
+        new["measurements_per_seed"] = [C.scalar_measurements(m) for m in per_seed]
     out = Path(out)
     with common.staged_output(out) as stage:
         write_text(stage / "claims.json", json.dumps(new, indent=1, default=float) + "\n")
@@ -581,8 +612,13 @@ def redecide(doc: dict, out, *, command: str = "") -> dict:
             f"Command: `{command}`  \nMeasurements from: `{doc.get('command', '')}`  \n"
             f"Data: {doc.get('data', '?')}; seeds: {doc.get('seeds', '?')}; "
             f"machine then: {doc.get('machine', '?')}; wall time then {doc.get('seconds', 0):.0f} s"
-            "\n\nThe source has one number per seed for each measurement (means over the tracked "
-            "prompts), so each effect's interval is the t-interval over seeds (P = 1).\n"
+            + (
+                "\n\nPer-prompt measurements: each effect's interval is over seeds × prompts.\n"
+                if per_prompt
+                else "\n\nThe source has one number per seed for each measurement (means over the "
+                "tracked prompts), so each effect's interval is the t-interval over seeds "
+                "(P = 1).\n"
+            )
         )
         write_text(stage / "claims.md", C.claims_markdown(rows, header=header))
     return new
@@ -593,8 +629,7 @@ def _run(args, argv) -> int:
     if args.redecide:
         try:
             common.check_writable(args.out)
-            doc = json.loads(Path(args.redecide).read_text(encoding="utf-8"))
-            redecide(doc, args.out, command=command)
+            redecide(load_for_redecide(args.redecide), args.out, command=command)
         except (ValueError, OSError, KeyError) as e:
             print(f"ldjax reproduce: error: --redecide {args.redecide}: {e}", file=sys.stderr)
             return 2
