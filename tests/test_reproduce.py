@@ -250,6 +250,14 @@ def test_comparisons_between_runs_can_fail():
         assert st[k] == "FAIL", (k, st)
 
 
+def test_a_claim_without_finite_differences_is_missing_not_a_crash():
+    nan = lambda i: _extra(i, degeneration=(np.nan, np.nan))  # no decode had two words
+    rows = C.evaluate_claims(_seeds(extra_fn=nan))
+    row = next(r for r in rows if r["id"] == "extend_less_degenerate")
+    assert row["status"] == "MISSING" and "no finite" in row["error"]
+    assert sum(r["status"] == "PASS" for r in rows) == len(C.CLAIMS) - 1
+
+
 def test_missing_measurement_is_reported_not_hidden():
     curves = _good_curves()
     del curves["dpo_onpolicy"]
@@ -506,8 +514,10 @@ def test_claims_run_end_to_end_on_a_held_out_layout_file(tmp_path):
     assert main([*args, "--no-cache"]) == 0
     doc = json.loads((out / "claims.json").read_text())
     assert doc["data"] == str(path) and doc["n_train"] == 34 and doc["n_heldout"] == 6
-    # every claim is decided from this file's probes: none MISSING, every effect finite
-    assert doc["outcomes"]["MISSING"] == 0
+    # every claim is decided from this file's probes, every effect finite; only the 2-gram claim
+    # may lack data (the tiny model's 8-byte decodes rarely hold two words)
+    missing = [r for r in doc["claims"] if r["status"] == "MISSING"]
+    assert all(r["id"] == "extend_less_degenerate" for r in missing), missing
     for r in doc["claims"]:
         for e in r["effects"]:
             assert np.all(np.isfinite(e["d"])) or r["id"] == "extend_less_degenerate", r["id"]

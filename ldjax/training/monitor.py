@@ -16,12 +16,12 @@ position and Δπ_v = π_v Δlog π_v (first order), the monitor logs
 * ``mass_to_argmax``: the probability mass the negative term moves onto the argmax token,
   Σ π_{v*} Δlog π⁻_{v*}, averaged over response positions (probability units per step);
 * ``argmax_share``: that mass over all the mass the negative term moves,
-  ``½ Σ_v |Δπ⁻_v|`` (sums over positions and probes), in [−1, 1]. Where K acts as the identity on the vocabulary, G⁻ =
-  c (e_{y⁻} − π) gives Δlog π⁻_v = α (π_v − ‖π‖² + π_{y⁻} − [v = y⁻]) (α = ηc > 0): only tokens
-  with π_v > ‖π‖² − π_{y⁻} gain. With π peaky and y⁻ not the peak that is the argmax alone and
-  the share is 1 (the squeezing effect: the mass taken from y⁻ *and* from every other token
-  goes to the peak); with π flat it spreads over all tokens (share → 1/(V−1)); with y⁻ the
-  peak it is −1 — the paper's condition as one number;
+  ``½ Σ_v |Δπ⁻_v|`` (sums over positions and probes), in [−1, 1]. Where K acts as the identity
+  on the vocabulary, G⁻ = c (e_{y⁻} − π) gives Δlog π⁻_v = α (π_v − ‖π‖² + π_{y⁻} − [v = y⁻])
+  (α = ηc > 0): only tokens with π_v > ‖π‖² − π_{y⁻} gain. With π peaky and y⁻ not the peak
+  that is the argmax alone and the share is 1 (the squeezing effect: the mass taken from y⁻
+  *and* from every other token goes to the peak); with π flat it spreads over all tokens (share
+  → 1/(V−1)); with y⁻ the peak it is −1 — the paper's condition as one number;
 * ``d_argmax_path``: the predicted change of the argmax path y* = Σ_m log max_v π_m by the
   whole step, mean over probes: A·J_o Δθ of the loop's actual update Δθ = θ_after − θ_before
   when the monitor runs as a loop hook (the real optimizer's step, first order), else of the

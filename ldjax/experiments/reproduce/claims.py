@@ -494,9 +494,17 @@ def evaluate_claims(
             rows.append(row)
             continue
         out = []
-        for name, (_, direction) in effs[0].items():
-            d = _stack([e[name][0] for e in effs], name)
-            r = S.decide(d, direction, level)
+        try:
+            decided = [
+                (name, S.decide(_stack([e[name][0] for e in effs], name), direction, level))
+                for name, (_, direction) in effs[0].items()
+            ]
+        except ValueError as e:  # e.g. no finite difference: no decode had two words
+            row.update(status="MISSING", error=str(e), effects=[], numbers={}, seeds_passed=0)
+            rows.append(row)
+            continue
+        for name, r in decided:
+            d = np.asarray(_stack([e[name][0] for e in effs], name))
             out.append(
                 {
                     "name": name,
