@@ -212,3 +212,52 @@ def test_bad_arguments_are_named():
         mon(0, _params(jax.random.PRNGKey(0)), _dpo_batch(jax.random.PRNGKey(0)), None, {})
     with pytest.raises(ValueError, match="no monitor|no 'squeeze"):
         SqueezeMonitor.from_history({"step": [1]})
+
+
+def test_config_fields_of_the_monitor_and_the_tokenizer_are_checked():
+    from ldjax.lm.config import BPE, DEFAULT, TrackConfig
+
+    assert DEFAULT.track.monitor_every == 0 and DEFAULT.lm_config().vocab_size == 259
+    assert BPE.data.tokenizer == "bpe" and BPE.lm_config().vocab_size == 1024
+    with pytest.raises(ValueError, match="monitor_every"):
+        TrackConfig(monitor_every=-1)
+    with pytest.raises(ValueError, match="monitor_threshold"):
+        TrackConfig(monitor_threshold=1.0)
+    with pytest.raises(ValueError, match="monitor_on"):
+        TrackConfig(monitor_on="all")
+    with pytest.raises(ValueError, match="data.tokenizer"):
+        DEFAULT.replace(data={"tokenizer": "wordpiece"})
+    with pytest.raises(ValueError, match="bpe_vocab_size"):
+        DEFAULT.replace(data={"bpe_vocab_size": 100})
+
+
+@pytest.mark.slow
+def test_ldjax_lm_dpo_with_the_monitor_logs_and_plots(tmp_path):
+    import json
+
+    from ldjax.experiments.lm.cli import main
+
+    tiny = {
+        "model": {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32},
+        "data": {"max_len": 64, "max_prompt_len": 32, "n_records": 24, "n_heldout": 4},
+        "pretrain": {"steps": 4, "batch_size": 4, "warmup": 1},
+        "sft": {"steps": 6, "epochs": 0.0, "batch_size": 4, "warmup": 1, "eval_every": 3},
+        "preference": {"steps": 6, "epochs": 0.0, "batch_size": 4, "warmup": 1, "eval_every": 3},
+        "track": {"eval_batch": 32, "decode_max_new_tokens": 8},
+    }
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(tiny))
+    out = tmp_path / "out"
+    args = ["dpo", "--quick", "--config", str(cfg), "--squeeze-monitor", "2", "--out", str(out)]
+    assert main([*args, "--no-cache", "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    for phase in ("sft", "preference"):
+        m = s[phase]["squeeze_monitor"]
+        # warm-up step 1 has lr 0: the first measurement moves to step 2; then every 2 steps
+        assert m["steps_measured"] == [2, 4, 6], m
+        assert all(np.isfinite(m["A_norm"])) and len(m["argmax_share"]) == 3
+    assert s["sft"]["squeeze_monitor"]["argmax_share"] == [0.0, 0.0, 0.0]  # no negative term
+    assert (out / "figures" / "lm_dpo_squeeze.png").exists()
+    assert (out / "figures" / "lm_sft_squeeze.png").exists()
+    h = json.loads((out / "dpo" / "history.json").read_text())
+    assert len(h["squeeze/argmax_share"]) == len(h["step"]) == 6
