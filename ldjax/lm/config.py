@@ -45,12 +45,15 @@ __all__ = [
     "SCHEDULES",
     "PREFERENCE_LOSSES",
     "PRETRAIN_SOURCES",
+    "TOKENIZERS",
+    "BPE",
 ]
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 PREFERENCE_LOSSES = ("dpo", "ipo", "slic", "sppo")
 PRETRAIN_SOURCES = ("prompts", "dialogues", "dialogues_both")
+TOKENIZERS = ("byte", "bpe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,12 @@ class DataConfig(Config):
         comparison start from a model that never saw y⁺ or y⁻; ``"dialogues"`` prompt + chosen;
         ``"dialogues_both"`` prompt + chosen and prompt + rejected.
       split_seed: seed of the held-out split and of the probe builder.
+      tokenizer: ``"byte"`` (default: UTF-8 bytes, V = 259, no training) or ``"bpe"``: a
+        byte-level BPE (:class:`ldjax.lm.tokenizer.BPETokenizer`, needs ``tokenizers``:
+        ``pip install 'ldjax[bpe]'``) trained on the pretraining text (``pretrain_source`` of the
+        training records) when the data is prepared; deterministic given the records.
+      bpe_vocab_size: V of the BPE (incl. 256 bytes and 3 specials). The model's vocabulary is
+        this size (a BPE trained on too little text to reach it leaves rows unused).
     """
 
     max_len: int = 256
@@ -120,8 +129,22 @@ class DataConfig(Config):
     synthetic_n: int = 500
     pretrain_source: str = "prompts"
     split_seed: int = 0
+    tokenizer: str = "byte"
+    bpe_vocab_size: int = 1024
+
+    @property
+    def vocab_size(self) -> int:
+        """V of the model: 259 for bytes, ``bpe_vocab_size`` for the BPE."""
+        return 259 if self.tokenizer == "byte" else int(self.bpe_vocab_size)
 
     def __post_init__(self):
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"data.tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        if not isinstance(self.bpe_vocab_size, int) or self.bpe_vocab_size < 259:
+            raise ValueError(
+                f"data.bpe_vocab_size must be an int >= 259 (256 bytes + 3 specials), got "
+                f"{self.bpe_vocab_size!r}"
+            )
         if self.max_len < self.max_prompt_len + 2 or self.max_prompt_len < 1:
             raise ValueError(
                 f"data.max_len={self.max_len} must be >= max_prompt_len + 2 and "
@@ -294,11 +317,40 @@ class TrackConfig(Config):
       one_step_etas: learning rates of the one-step check (``ldjax lm one-step``; float64). The
         step is on the sequence loss −log π(y⁺|x), whose gradient is large: the linear regime of
         the default model is η ≲ 1e-6.
+      monitor_every: the live squeezing monitor (:class:`ldjax.training.monitor.SqueezeMonitor`)
+        measures every this many steps of SFT and the preference phase (0: off; ``ldjax lm
+        --squeeze-monitor K``). Its numbers go to the phase's history and the squeeze figure.
+      monitor_probes: how many responses the monitor probes.
+      monitor_on: ``"batch"`` (default): y⁺ of the first ``monitor_probes`` pairs of each measured
+        step's own batch (SFT: its responses) — the responses that share y⁻'s prompt;
+        ``"tracked"``: y⁺ of the first ``monitor_probes`` tracked training prompts, fixed.
+      monitor_threshold: it flags squeezing when the share of the negative term's moved
+        probability mass that lands on the argmax exceeds this.
     """
 
     eval_batch: int = 64
     decode_max_new_tokens: int | None = None
     one_step_etas: tuple = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4)
+    monitor_every: int = 0
+    monitor_probes: int = 4
+    monitor_threshold: float = 0.5
+    monitor_on: str = "batch"
+
+    def __post_init__(self):
+        if not isinstance(self.monitor_every, int) or self.monitor_every < 0:
+            raise ValueError(f"track.monitor_every must be an int >= 0, got {self.monitor_every!r}")
+        if not isinstance(self.monitor_probes, int) or self.monitor_probes < 1:
+            raise ValueError(
+                f"track.monitor_probes must be an int >= 1, got {self.monitor_probes!r}"
+            )
+        if self.monitor_on not in ("batch", "tracked"):
+            raise ValueError(
+                f"track.monitor_on must be 'batch' or 'tracked', got {self.monitor_on!r}"
+            )
+        if not 0 < float(self.monitor_threshold) < 1:
+            raise ValueError(
+                f"track.monitor_threshold must be in (0, 1), got {self.monitor_threshold!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,8 +366,9 @@ class PipelineConfig(Config):
     seed: int = 0
 
     def lm_config(self):
-        """The model's :class:`~ldjax.lm.model.LMConfig` (byte vocabulary, V = 259)."""
-        return self.model.lm_config(self.data.max_len)
+        """The model's :class:`~ldjax.lm.model.LMConfig` (V from ``data.tokenizer``: 259 for
+        bytes, ``data.bpe_vocab_size`` for the BPE)."""
+        return self.model.lm_config(self.data.max_len, self.data.vocab_size)
 
     @classmethod
     def from_dict(cls, d: dict, base: PipelineConfig | None = None) -> PipelineConfig:
@@ -358,4 +411,10 @@ QUICK = PipelineConfig(
 """A tiny model and 16–32 steps per phase (DPO: 8 epochs of 32 pairs): the whole pipeline in 1–3
 minutes (tests, CI)."""
 
-PRESETS = {"default": DEFAULT, "quick": QUICK}
+BPE = DEFAULT.replace(data={"tokenizer": "bpe", "bpe_vocab_size": 1024})
+"""The default model on a byte-level BPE of 1024 tokens trained on the pretraining text (the
+prompts of the training records): 765 merges, enough for the most frequent words of the
+dialogues to be single tokens, so a shuffled-words response keeps no within-word spelling for the
+model to score. Tests the README's explanation of the failing SFT claims (issue 13)."""
+
+PRESETS = {"default": DEFAULT, "quick": QUICK, "bpe": BPE}

@@ -56,8 +56,11 @@ from ldjax.lm.model import make_apply_fn
 from ldjax.lm.tokenizer import ByteTokenizer
 from ldjax.training.checkpoint import load_params, save_params
 from ldjax.training.loop import train_loop
+from ldjax.training.monitor import SqueezeMonitor, StepSpec
 
 __all__ = [
+    "monitor_spec",
+    "squeeze_monitor",
     "phase_keys",
     "sft_objective",
     "pair_objective",
@@ -439,6 +442,120 @@ def _pair_step(lm_config, cfg: PhaseConfig, loss: str, hyper: tuple, total: int)
 
 
 # ----------------------------------------------------------------------------------------------
+# The squeezing monitor's view of a batch (ldjax.training.monitor)
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _pair_loss(loss: str, hyper: tuple) -> Callable:
+    """``pair_objective`` with the loss name and hyper-parameters bound (one object per pair, so
+    the monitor's jitted function traces once)."""
+    return functools.partial(pair_objective, loss=loss, **dict(hyper))
+
+
+def monitor_spec(
+    kind: str,
+    lm_config,
+    cfg: PreferenceConfig | None = None,
+    ref_params=None,
+    n_batch_probes: int = 4,
+):
+    """The :class:`~ldjax.training.monitor.StepSpec` of an LM phase's batch (``batch_probes``:
+    the first ``n_batch_probes`` responses of the batch, y⁺ for the DPO family).
+
+    ``kind="sft"`` (SFT, pretraining): one branch, ``sft_objective`` with the batch's token count,
+    no negative term. ``kind="pair"``: the DPO-family objective of ``cfg.loss`` on ``(x⁺, x⁻)``,
+    the y⁻ branch negative; reference log-probs from the batch (``ref_pos``/``ref_neg``) or, when
+    the batch has none (on-policy, ``ref_logp="batch"``), from ``ref_params``.
+    """
+    if kind == "sft":
+        return StepSpec(
+            sft_objective,
+            lambda b: b["tokens"],
+            lambda b, p: {
+                "targets": b["targets"],
+                "mask": b["mask"],
+                "ntok": np.float32(max(1, int(np.sum(b["mask"])))),
+            },
+            batch_probes=lambda b: (b["tokens"][:n_batch_probes], b["mask"][:n_batch_probes]),
+        )
+    if kind != "pair":
+        raise ValueError(f"kind must be 'sft' or 'pair', got {kind!r}")
+    if cfg is None:
+        raise ValueError("monitor_spec('pair', ...) needs the PreferenceConfig")
+    loss_fn = _pair_loss(cfg.loss, tuple(sorted(_pair_kwargs(cfg).items())))
+    logprob = _logprob_fn(lm_config)
+
+    def kwargs(b, params):
+        if "ref_pos" in b:
+            rp, rn = b["ref_pos"], b["ref_neg"]
+        elif ref_params is None:
+            raise ValueError("the batch has no reference log-probs; pass ref_params")
+        else:
+            rp = logprob(ref_params, b["pos_tokens"], b["pos_targets"], b["pos_mask"])
+            rn = logprob(ref_params, b["neg_tokens"], b["neg_targets"], b["neg_mask"])
+        return {
+            "targets_pos": b["pos_targets"],
+            "targets_neg": b["neg_targets"],
+            "mask_pos": b["pos_mask"],
+            "mask_neg": b["neg_mask"],
+            "ref_logp_pos": rp,
+            "ref_logp_neg": rn,
+            "count": np.float32(b["pos_tokens"].shape[0]),
+        }
+
+    return StepSpec(
+        loss_fn,
+        lambda b: (b["pos_tokens"], b["neg_tokens"]),
+        kwargs,
+        negative=(1,),
+        negative_tokens=lambda b: (b["neg_targets"], b["neg_mask"]),
+        batch_probes=lambda b: (b["pos_tokens"][:n_batch_probes], b["pos_mask"][:n_batch_probes]),
+    )
+
+
+def squeeze_monitor(
+    lm_config,
+    kind: str,
+    probes: Sequence[dict] | tuple,
+    *,
+    cfg: PreferenceConfig | None = None,
+    ref_params=None,
+    field: str = "chosen",
+    every: int = 20,
+    threshold: float = 0.5,
+    max_prompt_len: int = 128,
+    tokenizer=None,
+) -> SqueezeMonitor:
+    """A :class:`~ldjax.training.monitor.SqueezeMonitor` for an LM phase: the probes are
+    ``(prompt, record[field])`` of ``probes`` (a few records; y⁺ by default), or with
+    ``probes=("batch", n)`` the first n responses of each measured step's own batch (y⁺ of
+    its pairs); the batch is seen through :func:`monitor_spec`. Pass it in the phase's
+    ``callbacks``."""
+    n_batch = 4
+    if isinstance(probes, tuple) and len(probes) == 2 and probes[0] == "batch":
+        n_batch, probe_arg = int(probes[1]), "batch"
+    else:
+        if not probes or isinstance(probes, str):
+            raise ValueError("squeeze_monitor needs probe records or ('batch', n)")
+        enc = encode_field(
+            tokenizer or ByteTokenizer(),
+            probes,
+            field,
+            max_len=lm_config.max_len,
+            max_prompt_len=max_prompt_len,
+        )
+        probe_arg = {"tokens": enc["tokens"], "mask": enc["mask"]}
+    return SqueezeMonitor(
+        make_apply_fn(lm_config),
+        probe_arg,
+        monitor_spec(kind, lm_config, cfg, ref_params, n_batch),
+        every=every,
+        threshold=threshold,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # The phase runner (on the one training loop)
 # ----------------------------------------------------------------------------------------------
 
@@ -463,6 +580,7 @@ def run_phase(
     resume_older: bool = False,
     on_eval: Callable | None = None,
     on_step: Callable | None = None,
+    callbacks: Sequence[Callable] = (),
     stop_at: int | None = None,
     progress: bool = True,
     max_to_keep: int = 2,
@@ -481,6 +599,9 @@ def run_phase(
         passes its checks, saying so (:func:`ldjax.training.train_loop`).
       on_eval: ``on_eval(step, params)``; on_step: ``on_step(step, metrics)``, ``step`` = updates
         done.
+      callbacks: the loop's full hooks ``(s, params_before, batch, params_after, metrics,
+        opt_state_before) -> dict | None`` (a returned dict is logged to the history), e.g. a
+        :class:`ldjax.training.monitor.SqueezeMonitor` built with :func:`monitor_spec`.
       stop_at: stop after this many updates (a checkpoint is written there); resume later.
     """
     total = cfg.total_steps(n)
@@ -491,11 +612,10 @@ def run_phase(
     def batch_fn(s, params):
         return get_batch(batch_indices(data_key, s, n, cfg.batch_size), s, params, sample_key)
 
-    hook = (
-        None
-        if on_step is None
-        else (lambda s, before, batch, after, metrics, state: on_step(s + 1, metrics))
-    )
+    def hook(s, before, batch, after, metrics, state):  # a notification: its result is not logged
+        on_step(s + 1, metrics)
+
+    hook = None if on_step is None else hook
     r = train_loop(
         step_fn,
         params,
@@ -513,6 +633,7 @@ def run_phase(
         eval_every=cfg.eval_every,
         on_step=hook,
         on_eval=on_eval,
+        callbacks=callbacks,
         stop_at=stop_at,
         progress=progress,
     )
@@ -584,6 +705,7 @@ def pretrain(
     resume_older: bool = False,
     on_eval=None,
     on_step=None,
+    callbacks: Sequence[Callable] = (),
     stop_at: int | None = None,
     progress: bool = True,
 ) -> PhaseResult:
@@ -613,6 +735,7 @@ def pretrain(
         resume_older=resume_older,
         on_eval=on_eval,
         on_step=on_step,
+        callbacks=callbacks,
         stop_at=stop_at,
         progress=progress,
     )
@@ -631,6 +754,7 @@ def sft(
     resume_older: bool = False,
     on_eval=None,
     on_step=None,
+    callbacks: Sequence[Callable] = (),
     stop_at: int | None = None,
     progress: bool = True,
 ) -> PhaseResult:
@@ -661,6 +785,7 @@ def sft(
         resume_older=resume_older,
         on_eval=on_eval,
         on_step=on_step,
+        callbacks=callbacks,
         stop_at=stop_at,
         progress=progress,
     )
@@ -680,6 +805,7 @@ def preference(
     resume_older: bool = False,
     on_eval=None,
     on_step=None,
+    callbacks: Sequence[Callable] = (),
     stop_at: int | None = None,
     progress: bool = True,
 ) -> PhaseResult:
@@ -745,6 +871,7 @@ def preference(
         resume_older=resume_older,
         on_eval=on_eval,
         on_step=on_step,
+        callbacks=callbacks,
         stop_at=stop_at,
         progress=progress,
     )

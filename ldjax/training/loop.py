@@ -9,6 +9,7 @@ Order of work at each update ``s`` (0-based; ``step = s + 1`` updates are done a
     batch = batch_fn(s, params)                     # host arrays; depends only on s (and params)
     params, opt_state, metrics = step_fn(params, opt_state, batch, s)
     on_step(s, params_before, batch, params_after, metrics, opt_state_before)
+    each of callbacks(...) with the same arguments; a returned dict is logged to the history
     on_eval(step, params)        if step % eval_every == 0 or step == total_steps
     save checkpoint              if step % checkpoint_every == 0, step == total_steps or stop_at
     on_checkpoint(step, params)  at the same steps as a checkpoint (also without checkpoint_dir)
@@ -26,7 +27,11 @@ finished run resumes to its result without training. Without ``resume``, a ``che
 that already holds checkpoints is an error (nothing is overwritten).
 
 The history holds one entry per update: ``history["step"]`` (updates done) and one list per
-metric that ``step_fn`` returns (host floats).
+metric that ``step_fn`` returns (host floats). A hook (``on_step`` or one of ``callbacks``) that
+returns a dict ``{name: float}`` logs it at that update: ``history[name]`` is a per-update list
+too, NaN at the updates where the hook returned nothing (a monitor that measures every k steps,
+e.g. :class:`ldjax.training.monitor.SqueezeMonitor`). Such entries are saved with the
+checkpoints and survive a resume like the step metrics.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -78,6 +83,32 @@ def _host(metrics: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def _log(history: dict, logged, where: str) -> None:
+    """Appends a hook's ``{name: float}`` to the history at the last update (NaN-padded)."""
+    if logged is None:
+        return
+    if not isinstance(logged, dict):
+        raise TypeError(
+            f"{where} must return None or a dict of floats, got {type(logged).__name__}"
+        )
+    n = len(history["step"])
+    for k, v in logged.items():
+        if k == "step":
+            raise ValueError(f"{where} returned the reserved history key 'step'")
+        col = history.setdefault(k, [])
+        col.extend([float("nan")] * (n - 1 - len(col)))
+        col.append(float(v))
+
+
+def _pad(history: dict, keys) -> None:
+    """NaN-pads columns to one entry per update (hook-logged ones skip updates)."""
+    n = len(history["step"])
+    for k in keys:
+        col = history.get(k)
+        if col is not None and len(col) < n:
+            col.extend([float("nan")] * (n - len(col)))
+
+
 def _due(step: int, every: int | None) -> bool:
     return every is not None and step % every == 0
 
@@ -102,6 +133,7 @@ def train_loop(
     on_step: Callable | None = None,
     on_eval: Callable | None = None,
     on_checkpoint: Callable | None = None,
+    callbacks: Sequence[Callable] = (),
     stop_at: int | None = None,
     progress: bool = True,
 ) -> LoopResult:
@@ -133,6 +165,9 @@ def train_loop(
       on_step: ``on_step(s, params_before, batch, params_after, metrics, opt_state_before)``
         after every update (the optimizer state the update started from, for optimizer-aware
         predictions of the step).
+      callbacks: more hooks with ``on_step``'s arguments, called after it in order (training
+        monitors; any callable). A dict returned by ``on_step`` or a callback is logged to the
+        history (module docstring).
       on_eval: ``on_eval(step, params)``.
       on_checkpoint: ``on_checkpoint(step, params)`` after each checkpoint step.
       stop_at: stop after this many updates (with a checkpoint), to resume later.
@@ -212,6 +247,7 @@ def train_loop(
             )
 
     end = total if stop_at is None else min(total, max(int(stop_at), start))
+    hooks = ([on_step] if on_step is not None else []) + list(callbacks)
     batch, step = None, start
     bar = tqdm(
         total=total, initial=start, disable=not progress, desc=name, unit="step", mininterval=2.0
@@ -230,8 +266,11 @@ def train_loop(
             history["step"].append(step)
             for k, v in host.items():
                 history.setdefault(k, []).append(v)
-            if on_step is not None:
-                on_step(s, before, batch, params, host, state_before)
+            for i, hook in enumerate(hooks):
+                _log(
+                    history, hook(s, before, batch, params, host, state_before), f"{name}: hook {i}"
+                )
+            _pad(history, list(history))
             bar.update(1)
             if "loss" in host and (step % 5 == 0 or step == end):
                 bar.set_postfix(loss=f"{host['loss']:.4f}")

@@ -73,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
         "--extend", action="store_true", help="SFT on chosen and rejected (the paper's remedy)"
     )
     p.add_argument(
+        "--squeeze-monitor",
+        type=nonneg_int,
+        default=None,
+        metavar="K",
+        help="sft/dpo/pipeline: run the live squeezing monitor every K steps of SFT and the "
+        "preference phase (logged to the phase history, panels in the squeeze figures; "
+        "config track.monitor_every; 0 = off)",
+    )
+    p.add_argument(
         "--index", type=nonneg_int, default=0, help="one-step: which tracked training record"
     )
     p.add_argument(
@@ -109,6 +118,8 @@ def build_config(args) -> PipelineConfig:
         cfg = cfg.replace(preference={"on_policy": True})
     if args.extend:
         cfg = cfg.replace(sft={"extend": True})
+    if getattr(args, "squeeze_monitor", None) is not None:
+        cfg = cfg.replace(track={"monitor_every": args.squeeze_monitor})
     return cfg
 
 

@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -58,8 +59,9 @@ from ldjax.lm import train as T
 from ldjax.lm.checkpoint import load_lm, save_lm
 from ldjax.lm.config import PipelineConfig
 from ldjax.lm.model import count_params, init_params
-from ldjax.lm.tokenizer import ByteTokenizer
+from ldjax.lm.tokenizer import BPETokenizer, ByteTokenizer
 from ldjax.training.checkpoint import CheckpointError
+from ldjax.training.monitor import STATS, SqueezeMonitor
 
 __all__ = [
     "load_records",
@@ -77,7 +79,8 @@ _MODEL_FREE = ("irr_train", "irr_test", "random_permute", "random_nonhum")
 class PreparedData:
     """Records of one experiment: ``train`` (trained on), ``heldout`` (never trained on),
     ``track_train``/``track_test`` (probed prompts), ``source`` (file or "synthetic"),
-    ``fingerprint`` (sha256 of the training records)."""
+    ``fingerprint`` (sha256 of the training records), ``tokenizer`` (``data.tokenizer``: the
+    byte tokenizer, or the BPE trained on the pretraining text of ``train``)."""
 
     train: list
     heldout: list
@@ -85,6 +88,7 @@ class PreparedData:
     track_test: list
     source: str
     fingerprint: str
+    tokenizer: Any = dataclasses.field(default_factory=ByteTokenizer)
 
 
 def load_records(path: str | None, config: PipelineConfig) -> tuple[list, str]:
@@ -125,7 +129,12 @@ def prepare_data(
     h = hashlib.sha256(
         json.dumps([[r["prompt"], r["chosen"], r["rejected"]] for r in train]).encode()
     )
-    return PreparedData(train, held, train[: dc.n_track], held[: dc.n_track], source, h.hexdigest())
+    tok = ByteTokenizer()
+    if dc.tokenizer == "bpe":
+        tok = BPETokenizer.train(_pretrain_texts(train, config)[0], dc.bpe_vocab_size)
+    return PreparedData(
+        train, held, train[: dc.n_track], held[: dc.n_track], source, h.hexdigest(), tok
+    )
 
 
 _OPEN_TURN = "\n\nAssistant:"
@@ -159,6 +168,11 @@ def _cache_key(config: PipelineConfig, data: PreparedData) -> str:
         "seed": config.seed,
         "data": data.fingerprint,
         "version": 2,
+        **(
+            {"tokenizer": "bpe", "bpe_vocab_size": config.data.bpe_vocab_size}
+            if config.data.tokenizer != "byte"
+            else {}
+        ),
     }
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -199,7 +213,7 @@ def pretrained_params(
             info.update(loaded["saved_info"], from_cache=str(cached), seconds=time.time() - t0)
             return params, info
     texts, eos = _pretrain_texts(data.train, config)
-    tok = ByteTokenizer()
+    tok = data.tokenizer
     enc = T.encode_texts(tok, texts, lm.max_len, eos=eos)
     held_texts, _ = _pretrain_texts(data.heldout, config)
     held = T.encode_texts(tok, held_texts, lm.max_len, eos=eos)
@@ -250,6 +264,7 @@ def _tracker(config: PipelineConfig, data: PreparedData):
         max_prompt_len=config.data.max_prompt_len,
         eval_batch=config.track.eval_batch,
         decode_max_new_tokens=config.track.decode_max_new_tokens,
+        tokenizer=data.tokenizer,
     )
 
 
@@ -302,6 +317,13 @@ def _phase_summary(res, tracker) -> dict:
             d["types"]["chosen"]["A_norm_last"],
         ]
         out["probes"][st]["greedy_examples"] = d["greedy_examples"][:2]
+    if "squeeze/argmax_share" in res.history:
+        m = SqueezeMonitor.from_history(res.history)
+        out["squeeze_monitor"] = {
+            "steps_measured": m["step"].tolist(),
+            "steps_flagged": m["step"][m["squeezing"] > 0].tolist(),
+            **{k: m[k].tolist() for k in STATS},
+        }
     if "margin" in res.history:
         out["final_margin"] = float(np.mean(res.history["margin"][-5:]))
         out["final_acc"] = float(np.mean(res.history["acc"][-5:]))
@@ -360,6 +382,27 @@ def run_pipeline(
     summary["pretrain"] = {k: v for k, v in info.items() if k != "eval"}
     summary["timings"]["pretrain"] = info.get("seconds")
 
+    def monitors(kind, ref=None):
+        """The squeezing monitor of a phase (``track.monitor_every``; none when 0)."""
+        k = config.track.monitor_every
+        if not k:
+            return []
+        return [
+            T.squeeze_monitor(
+                lm,
+                kind,
+                ("batch", config.track.monitor_probes)
+                if config.track.monitor_on == "batch"
+                else data.track_train[: config.track.monitor_probes],
+                cfg=config.preference,
+                ref_params=ref,
+                every=k,
+                threshold=config.track.monitor_threshold,
+                max_prompt_len=config.data.max_prompt_len,
+                tokenizer=data.tokenizer,
+            )
+        ]
+
     if upto in ("sft", "dpo"):
         tr = _tracker(config, data)
         sft_name = "sft_extend" if config.sft.extend else "sft"
@@ -371,10 +414,12 @@ def run_pipeline(
                 data.train,
                 config.sft,
                 max_prompt_len=config.data.max_prompt_len,
+                tokenizer=data.tokenizer,
                 ckpt_dir=out / sft_name / "ckpt",
                 resume=resume,
                 resume_older=resume_older,
                 on_eval=ev,
+                callbacks=monitors("sft"),
                 progress=progress,
             ),
             tr,
@@ -390,6 +435,13 @@ def run_pipeline(
         )
         figures[f"figures/lm_{sft_name}_probes.png"] = plots.plot_probe_grid(tr, title=title)
         figures[f"figures/lm_{sft_name}_overview.png"] = plots.plot_probe_overview(tr, title=title)
+        if config.track.monitor_every:
+            figures[f"figures/lm_{sft_name}_squeeze.png"] = plots.plot_squeeze(
+                tr,
+                title=f"{title.split(' — ')[0]}: squeezing monitor",
+                history=res.history,
+                monitor_threshold=config.track.monitor_threshold,
+            )
 
     if upto == "dpo":
         pc = config.preference
@@ -408,10 +460,12 @@ def run_pipeline(
                 data.train,
                 pc,
                 max_prompt_len=config.data.max_prompt_len,
+                tokenizer=data.tokenizer,
                 ckpt_dir=out / name / "ckpt",
                 resume=resume,
                 resume_older=resume_older,
                 on_eval=ev,
+                callbacks=monitors("pair", sft_params),
                 progress=progress,
             ),
             tr2,
@@ -430,7 +484,10 @@ def run_pipeline(
         figures[f"figures/lm_{name}_probes.png"] = plots.plot_probe_grid(tr2, title=title)
         figures[f"figures/lm_{name}_overview.png"] = plots.plot_probe_overview(tr2, title=title)
         figures[f"figures/lm_{name}_squeeze.png"] = plots.plot_squeeze(
-            tr2, title=f"{label}: squeezing", history=res2.history
+            tr2,
+            title=f"{label}: squeezing",
+            history=res2.history,
+            monitor_threshold=config.track.monitor_threshold,
         )
 
     with staged_output(out) as stage:
@@ -489,7 +546,9 @@ def _token_maps(config, data, params, stage: Path, *, final: Path, index: int, k
     """The token maps of record ``index``: arrays in ``token_maps/maps.npz``, the ranking in
     ``token_maps/ranking.json``, figures in ``figures/token_maps/``; returns the figure paths."""
     eta = min(config.track.one_step_etas)
-    maps = run_token_maps(params, config, data.track_train[index], k, eta=eta)
+    maps = run_token_maps(
+        params, config, data.track_train[index], k, eta=eta, tokenizer=data.tokenizer
+    )
     (stage / "token_maps").mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         stage / "token_maps" / "maps.npz",
@@ -505,7 +564,7 @@ def _token_maps(config, data, params, stage: Path, *, final: Path, index: int, k
         },
     )
     paths = []
-    for name, fig in token_map_figures(maps).items():
+    for name, fig in token_map_figures(maps, data.tokenizer).items():
         save_figure(fig, stage / "figures" / "token_maps" / f"{name}.png")
         paths.append(str(final / "figures" / "token_maps" / f"{name}.png"))
     return paths
@@ -515,7 +574,9 @@ def _one_step(config, data, params, stage: Path, *, final: Path, index: int = 0)
     """:func:`one_step` writing into ``stage``; the paths it returns are under ``final``."""
     t0 = time.time()
     rec = data.track_train[index]
-    r = run_one_step(params, config, rec, config.track.one_step_etas, float64=True)
+    r = run_one_step(
+        params, config, rec, config.track.one_step_etas, float64=True, tokenizer=data.tokenizer
+    )
     r["seconds"] = time.time() - t0
     save_figure(plots.plot_one_step(r), stage / "figures" / "lm_one_step.png")
     r["figure"] = str(final / "figures" / "lm_one_step.png")

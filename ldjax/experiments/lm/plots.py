@@ -122,14 +122,65 @@ def plot_probe_overview(track, *, title: str, s: str = "train", types: Sequence[
     return _done(fig)
 
 
-def plot_squeeze(track, *, title: str, history: dict | None = None, s: str = "train"):
+def _monitor_panels(ax, ax_b, mon: dict, *, threshold: float = 0.5) -> None:
+    """Panels (e), (f) of :func:`plot_squeeze` from ``SqueezeMonitor.from_history``."""
+    st = mon["step"]
+    ax.plot(st, mon["argmax_share"], "o-", color="C3", ms=3, label="share of moved mass → argmax")
+    flagged = mon["squeezing"] > 0
+    if flagged.any():
+        ax.plot(
+            st[flagged],
+            mon["argmax_share"][flagged],
+            "v",
+            color="k",
+            ms=5,
+            label=f"flagged ({int(flagged.sum())} of {st.size})",
+        )
+    ax.axhline(threshold, color="0.3", ls=":", label=f"threshold {threshold:g}")
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_title("(e) live monitor: negative term's mass moved onto the argmax", fontsize=10)
+    ax.set_ylabel("Σ Δπ⁻(v*) / ½ Σ |Δπ⁻|  (predicted)")
+    ax.legend(fontsize=7)
+    ax_b.plot(st, mon["d_argmax_path"], color="C4", label="Δ argmax path, whole step")
+    ax_b.plot(st, mon["d_argmax_path_neg"], color="C3", ls="--", label="… negative term")
+    ax_b.axhline(0, color="0.6", lw=0.8)
+    ax_b.set_ylabel("predicted Δ Σ log max π per step")
+    ax_b.set_title("(f) live monitor: predicted Δ y* and peakiness", fontsize=10)
+    if "A_norm" in mon:
+        ax2 = ax_b.twinx()
+        ax2.plot(st, mon["A_norm"], color="C7", lw=1, label="‖A‖ (monitored probes)")
+        ax2.set_ylabel("‖A‖_F", color="C7")
+    ax_b.legend(fontsize=7, loc="upper left")
+    for a in (ax, ax_b):
+        a.set_xlabel("training step")
+        a.grid(alpha=0.3)
+
+
+def plot_squeeze(
+    track,
+    *,
+    title: str,
+    history: dict | None = None,
+    s: str = "train",
+    monitor_threshold: float = 0.5,
+):
     """The DPO dynamics panels (Figs 4/5): (a) log π of y⁺, y⁻, the greedy y* and the mean of the
     other types; (b) the teacher-forced argmax path Σ_m log max π_m and Σ_m log(1 − max π_m) along
     the chosen response; (c) peakiness ‖A‖ (mean over response positions); (d) the loss and the
-    reward margin (r⁺ − r⁻) of the training batches."""
+    reward margin (r⁺ − r⁻) of the training batches. When the history holds the live squeezing
+    monitor's numbers (:class:`ldjax.training.monitor.SqueezeMonitor`), a third row shows them:
+    (e) the share of the mass moved by the negative-gradient term that lands on the argmax,
+    with the threshold and the flagged steps; (f) the predicted per-step change of the argmax path
+    (whole step and negative term) and the peakiness ‖A‖ of the monitored probes."""
     steps = np.asarray(track.steps)
     types = track.all_types
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    mon = None
+    if history and "squeeze/argmax_share" in history:
+        from ldjax.training.monitor import SqueezeMonitor  # noqa: PLC0415
+
+        mon = SqueezeMonitor.from_history(history)
+    fig, axes = plt.subplots(3 if mon else 2, 2, figsize=(11, 11 if mon else 7.5))
     ax = axes[0][0]
     for t, c in (("chosen", "C2"), ("rejected", "C3"), ("greedy", "C0")):
         if t in types:
@@ -202,6 +253,8 @@ def plot_squeeze(track, *, title: str, history: dict | None = None, s: str = "tr
         a.set_xlabel("training step")
         a.grid(alpha=0.3)
     axes[1][1].set_xlabel("training step")
+    if mon:
+        _monitor_panels(axes[2][0], axes[2][1], mon, threshold=monitor_threshold)
     fig.suptitle(f"{title} ({s} prompts)", fontsize=11)
     fig.tight_layout()
     return _done(fig)

@@ -47,7 +47,15 @@ from ldjax.lm.config import PRESETS, load_config
 from ldjax.lm.decode import generate
 from ldjax.training.config import preset
 
-__all__ = ["main", "default_data_path", "run_seed", "reproduce_lm", "TruncatedTrack"]
+__all__ = [
+    "main",
+    "default_data_path",
+    "run_seed",
+    "reproduce_lm",
+    "redecide",
+    "load_for_redecide",
+    "TruncatedTrack",
+]
 
 RUNS = ("sft", "sft_extend", "sft_long", "dpo", "dpo_extend", "dpo_onpolicy", "dpo_long")
 
@@ -59,7 +67,7 @@ def default_data_path() -> str | None:
 
 class TruncatedTrack:
     """The first evaluations (steps <= ``last_step``) of a tracker, with the plotting interface
-    (``steps``, ``sets``, ``all_types``, ``label``, ``curve``)."""
+    (``steps``, ``sets``, ``all_types``, ``label``, ``curve``, ``arrays``)."""
 
     def __init__(self, track, last_step: int):
         self.track = track
@@ -74,11 +82,25 @@ class TruncatedTrack:
     def curve(self, s, t, metric="logp_sum"):
         return self.track.curve(s, t, metric)[: self.n]
 
+    def arrays(self, s, metric):
+        return self.track.arrays(s, metric)[: self.n]
+
 
 def _curves(track) -> dict:
     """``{set: {type: {metric: (E,) list}}}`` for the claim metrics."""
     return {
         s: {t: {m: track.curve(s, t, m).tolist() for m in C.METRICS} for t in track.all_types}
+        for s in track.sets
+    }
+
+
+def _prompt_curves(track) -> dict:
+    """``{set: {type: {metric: (E, N) array}}}``: per-prompt curves for the claims' decisions."""
+    return {
+        s: {
+            t: {m: track.arrays(s, m)[:, k] for m in C.METRICS}
+            for k, t in enumerate(track.all_types)
+        }
         for s in track.sets
     }
 
@@ -98,10 +120,16 @@ def run_seed(
     long_factor: float = 2.0,
     progress: bool = False,
     log=print,
+    runs: Sequence[str] = RUNS,
 ) -> dict:
-    """All experiments of one seed (module docstring). Returns ``{"measurements", "curves",
+    """All experiments of one seed (module docstring); ``runs`` a subset of :data:`RUNS` (the
+    claims needing another run are then MISSING). Returns ``{"measurements", "curves",
     "timings", "trackers", "histories", "steps", "greedy_examples"}``."""
+    bad = sorted(set(runs) - set(RUNS))
+    if bad or "sft" not in runs:
+        raise ValueError(f"runs must be a subset of {RUNS} that includes 'sft', got {list(runs)}")
     out = Path(out)
+    tok = data.tokenizer
     lm = cfg.lm_config()
     timings: dict = {}
     t0 = time.time()
@@ -124,6 +152,7 @@ def run_seed(
             max_prompt_len=mp,
             eval_batch=cfg.track.eval_batch,
             decode_max_new_tokens=cfg.track.decode_max_new_tokens,
+            tokenizer=tok,
         )
 
     def ckpt(name):
@@ -146,6 +175,7 @@ def run_seed(
         data.train,
         long_cfg,
         max_prompt_len=mp,
+        tokenizer=tok,
         ckpt_dir=d,
         on_eval=tr.evaluate,
         stop_at=base_steps,
@@ -155,41 +185,50 @@ def run_seed(
         tr.evaluate(base_steps, r1.params)
     finals["sft"] = r1.params
     timings["sft"] = time.time() - t
-    r2 = T.sft(
-        params,
-        lm,
-        data.train,
-        long_cfg,
-        max_prompt_len=mp,
-        ckpt_dir=d,
-        resume=True,
-        on_eval=tr.evaluate,
-        progress=progress,
-    )
-    tr.finalize(r2.history)
-    finals["sft_long"] = r2.params
-    timings["sft_long"] = time.time() - t
-    trackers["sft_long"], histories["sft_long"] = tr, r2.history
-    trackers["sft"] = TruncatedTrack(tr, base_steps)
-    log(f"  sft {base_steps} + long to {long_steps} steps: {timings['sft_long']:.1f} s")
+    if "sft_long" in runs or "dpo_long" in runs:
+        r2 = T.sft(
+            params,
+            lm,
+            data.train,
+            long_cfg,
+            max_prompt_len=mp,
+            tokenizer=tok,
+            ckpt_dir=d,
+            resume=True,
+            on_eval=tr.evaluate,
+            progress=progress,
+        )
+        tr.finalize(r2.history)
+        finals["sft_long"] = r2.params
+        timings["sft_long"] = time.time() - t
+        trackers["sft_long"], histories["sft_long"] = tr, r2.history
+        trackers["sft"] = TruncatedTrack(tr, base_steps)
+        log(f"  sft {base_steps} + long to {long_steps} steps: {timings['sft_long']:.1f} s")
+    else:
+        tr.finalize(r1.history)
+        trackers["sft"], histories["sft"] = tr, r1.history
+        log(f"  sft {base_steps} steps: {timings['sft']:.1f} s")
 
-    t = time.time()
-    tr = tracker()
-    ext_cfg = dataclasses.replace(cfg.sft, extend=True)
-    r = T.sft(
-        params,
-        lm,
-        data.train,
-        ext_cfg,
-        max_prompt_len=mp,
-        ckpt_dir=ckpt("sft_extend"),
-        on_eval=tr.evaluate,
-        progress=progress,
-    )
-    tr.finalize(r.history)
-    trackers["sft_extend"], histories["sft_extend"], finals["sft_extend"] = tr, r.history, r.params
-    timings["sft_extend"] = time.time() - t
-    log(f"  sft extend {r.step} steps: {timings['sft_extend']:.1f} s")
+    if "sft_extend" in runs or "dpo_extend" in runs:
+        t = time.time()
+        tr = tracker()
+        ext_cfg = dataclasses.replace(cfg.sft, extend=True)
+        r = T.sft(
+            params,
+            lm,
+            data.train,
+            ext_cfg,
+            max_prompt_len=mp,
+            tokenizer=tok,
+            ckpt_dir=ckpt("sft_extend"),
+            on_eval=tr.evaluate,
+            progress=progress,
+        )
+        tr.finalize(r.history)
+        trackers["sft_extend"], histories["sft_extend"] = tr, r.history
+        finals["sft_extend"] = r.params
+        timings["sft_extend"] = time.time() - t
+        log(f"  sft extend {r.step} steps: {timings['sft_extend']:.1f} s")
 
     # -- DPO ------------------------------------------------------------------------------------
     pc = dataclasses.replace(cfg.preference, on_policy=False)
@@ -199,6 +238,7 @@ def run_seed(
         "dpo_long": ("sft_long", pc),
         "dpo_onpolicy": ("sft", dataclasses.replace(pc, on_policy=True)),
     }
+    dpos = {k: v for k, v in dpos.items() if k in runs}
     degeneration, examples = {}, {}
     for name, (start, pcfg) in dpos.items():
         t = time.time()
@@ -211,6 +251,7 @@ def run_seed(
             data.train,
             pcfg,
             max_prompt_len=mp,
+            tokenizer=tok,
             ckpt_dir=ckpt(name),
             on_eval=tr.evaluate,
             progress=progress,
@@ -224,23 +265,26 @@ def run_seed(
             prompts,
             tr.decode_max_new_tokens,
             temperature=0.0,
-            eos_id=tr.tokenizer.eos_id,
-            pad_id=tr.tokenizer.pad_id,
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
         )
-        texts = [tr.tokenizer.decode(y) for y in ys]
-        degeneration[name] = C.repeated_ngram_share(texts, 2)
+        texts = [tok.decode(y) for y in ys]
+        degeneration[name] = C.repeated_ngram_shares(texts, 2)  # per held-out prompt
         examples[name] = texts[:3]
         timings[name] = time.time() - t
         log(f"  {name} {r.step} steps: {timings[name]:.1f} s")
     for name in list(RUNS):
         shutil.rmtree(out / name / "ckpt", ignore_errors=True)
 
-    curves = {k: _curves(trackers[k]) for k in RUNS}
+    done = [k for k in RUNS if k in trackers]
+    curves = {k: _curves(trackers[k]) for k in done}
     extra = {f"{k}.degeneration": v for k, v in degeneration.items()}
     for name in dpos:
         extra.update(C.history_measurements(name, histories[name]))
     return {
-        "measurements": C.measure(curves, extra),
+        # per-prompt measurements (tuples over the tracked prompts): prompts are the units of
+        # the claims' decisions within a seed
+        "measurements": C.measure({k: _prompt_curves(trackers[k]) for k in done}, extra),
         "curves": curves,
         "timings": timings,
         "trackers": trackers,
@@ -248,50 +292,56 @@ def run_seed(
         "greedy_examples": examples,
         "steps": {
             "sft": base_steps,
-            "sft_long": long_steps,
-            **{k: int(trackers[k].steps[-1]) for k in ("sft_extend", *dpos)},
+            **({"sft_long": long_steps} if "sft_long" in trackers else {}),
+            **{k: int(trackers[k].steps[-1]) for k in ("sft_extend", *dpos) if k in trackers},
         },
     }
 
 
 def figures(res: dict) -> dict:
-    """The paper's Figures 3–5 from one seed's results: ``{file name: matplotlib figure}``."""
+    """The paper's Figures 3–5 from one seed's results: ``{file name: matplotlib figure}`` (only
+    the figures whose runs were made)."""
     tr, h = res["trackers"], res["histories"]
     st = res["steps"]
-    third = "irr_hum" if "irr_hum" in tr["dpo"].all_types else "irr_test"
-    dpo_runs = {
-        "DPO (baseline SFT)": tr["dpo"],
-        "DPO after extend": tr["dpo_extend"],
-        f"DPO after long SFT ({st['sft_long']} steps)": tr["dpo_long"],
-        "DPO on-policy": tr["dpo_onpolicy"],
-    }
-    return {
+    out = {
         "reproduce_fig3_sft_probes.png": plots.plot_probe_grid(
             tr["sft"], title=f"Fig 3 — SFT ({st['sft']} steps): log π of each probe type"
-        ),
-        "reproduce_fig4_dpo_probes.png": plots.plot_probe_grid(
+        )
+    }
+    if "dpo" in tr:
+        out["reproduce_fig4_dpo_probes.png"] = plots.plot_probe_grid(
             tr["dpo"], title="Fig 4 — off-policy DPO after SFT: log π of each probe type"
-        ),
-        "reproduce_fig4_dpo_squeeze.png": plots.plot_squeeze(
+        )
+        out["reproduce_fig4_dpo_squeeze.png"] = plots.plot_squeeze(
             tr["dpo"], title="Fig 4 — off-policy DPO: the squeezing effect", history=h["dpo"]
-        ),
-        "reproduce_fig5_sft_extend.png": plots.plot_compare(
+        )
+    if "sft_extend" in tr:
+        out["reproduce_fig5_sft_extend.png"] = plots.plot_compare(
             {"SFT baseline": tr["sft"], "SFT extend (y⁺ and y⁻)": tr["sft_extend"]},
             title="Fig 5 — SFT baseline vs extend",
             types=("chosen", "rejected", "irr_train"),
-        ),
-        "reproduce_fig5_dpo_compare.png": plots.plot_compare(
+        )
+    names = {
+        "dpo": "DPO (baseline SFT)",
+        "dpo_extend": "DPO after extend",
+        "dpo_long": f"DPO after long SFT ({st.get('sft_long')} steps)",
+        "dpo_onpolicy": "DPO on-policy",
+    }
+    dpo_runs = {v: tr[k] for k, v in names.items() if k in tr}
+    if len(dpo_runs) > 1:
+        third = "irr_hum" if "irr_hum" in tr["dpo"].all_types else "irr_test"
+        out["reproduce_fig5_dpo_compare.png"] = plots.plot_compare(
             dpo_runs,
             title="Fig 5 — DPO variants: log π",
             types=("chosen", "rejected", third, "greedy"),
-        ),
-        "reproduce_fig5_argmax_path.png": plots.plot_compare(
+        )
+        out["reproduce_fig5_argmax_path.png"] = plots.plot_compare(
             dpo_runs,
             metric="argmax_path",
             types=("chosen", "rejected"),
             title="Fig 5 — DPO variants: argmax path Σ log max π (the code's y*)",
-        ),
-    }
+        )
+    return out
 
 
 def reproduce_lm(
@@ -305,6 +355,7 @@ def reproduce_lm(
     progress: bool = False,
     command: str = "",
     log=print,
+    runs: Sequence[str] = RUNS,
 ) -> dict:
     """Every seed's experiments, the claims table (``claims.md``, ``claims.json``) and figures
     under ``out``. Returns the JSON document.
@@ -329,8 +380,15 @@ def reproduce_lm(
             long_factor=long_factor,
             progress=progress,
             log=log,
+            runs=runs,
         )
         per_seed.append(res["measurements"])
+        # each seed's per-prompt measurements as soon as it is done (a long run that is stopped
+        # keeps its finished seeds: C.evaluate_claims on these files decides them)
+        write_text(
+            out / f"seed{s}" / "measurements.json",
+            json.dumps(res["measurements"], default=float) + "\n",
+        )
         timings.append(res["timings"])
         results.append(res)
     with common.staged_output(out) as stage:
@@ -392,25 +450,32 @@ def _write_results(
         "timings_per_seed": timings,
         "steps": results[0]["steps"],
         "claims": rows,
-        "measurements_per_seed": per_seed,
+        "outcomes": C.count_outcomes(rows),
+        "decision_rule": "ldjax.experiments.stats.decide: 95 % t-interval of the paired effect, "
+        "seeds x prompts crossed random effects (Satterthwaite df); PASS/FAIL when it excludes 0 "
+        "on the claimed/other side, else INCONCLUSIVE",
+        "measurements_per_seed": [C.scalar_measurements(m) for m in per_seed],
         "greedy_examples_seed0": results[0]["greedy_examples"],
         "figures": figure_paths,
         "config": cfg.to_dict(),
         "long_sft_factor": long_factor,
+        "tokenizer": repr(data.tokenizer),
     }
     write_text(stage / "claims.json", json.dumps(doc, indent=1, default=float) + "\n")
     st = results[0]["steps"]
+    tok_desc = repr(data.tokenizer)
     header = (
         f"# Claims table — `ldjax reproduce lm`\n\n"
         f"Command: `{command}`  \nData: {data.source} ({len(data.train)} training records, "
         f"{len(data.heldout)} held out; probes on {len(data.track_train)} training + "
         f"{len(data.track_test)} held-out prompts)  \nSeeds: {list(seeds)}; "
-        f"steps: SFT {st['sft']}, "
-        f"long SFT {st['sft_long']}, extend SFT {st['sft_extend']}, DPO {st['dpo']}  \n"
+        f"steps: {', '.join(f'{k} {v}' for k, v in st.items())}  \n"
+        f"Tokenizer: {tok_desc}; model V = {cfg.lm_config().vocab_size}  \n"
         f"Machine: {machine}; wall time {total:.0f} s\n\n"
         "Probe numbers are mean log π(y|x) (or the named metric) over the tracked training "
         "prompts "
-        f"at the first/last evaluation of the phase; 'Δ' is last − first.\n"
+        f"at the first/last evaluation of the phase; 'Δ' is last − first. Each effect is a "
+        "paired difference per seed and prompt (S×P), its interval over both.\n"
     )
     write_text(stage / "claims.md", C.claims_markdown(rows, header=header))
     return doc
@@ -443,6 +508,27 @@ def _parser():
         "--seeds", type=positive_int, default=1, help="number of seeds 0..N-1 (table: mean ± std)"
     )
     p.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        help="comma-separated subset of the runs (must include sft; default all: "
+        + ",".join(RUNS)
+        + "); claims that need a run not made are MISSING",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="config preset (default: 'quick' with --quick, else 'default'; 'bpe': the default "
+        "model on a 1024-token BPE trained on the pretraining text)",
+    )
+    p.add_argument(
+        "--redecide",
+        metavar="CLAIMS_JSON",
+        help="train nothing: decide the claims again, under the current rule, from the per-seed "
+        "measurements of an earlier claims.json (or of the seed*/measurements.json in a run's "
+        "--out folder, finished or stopped), and write claims.md/claims.json to --out",
+    )
+    p.add_argument(
         "--long-sft",
         type=_long_factor,
         default=2.0,
@@ -472,7 +558,83 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def load_for_redecide(path) -> dict:
+    """A document for :func:`redecide`: an earlier ``claims.json``, or the ``--out`` folder of a
+    run (finished or stopped), whose ``seed*/measurements.json`` (per-prompt measurements,
+    written as each seed finishes) are read in seed order."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("seed*/measurements.json"), key=lambda f: int(f.parent.name[4:]))
+        if not files:
+            raise ValueError(
+                f"{path}: no seed*/measurements.json (is it a reproduce --out folder?)"
+            )
+        return {
+            "command": f"(the finished seeds under {path})",
+            "data": str(path),
+            "seeds": [int(f.parent.name[4:]) for f in files],
+            "per_prompt": True,
+            "measurements_per_seed": [json.loads(f.read_text(encoding="utf-8")) for f in files],
+        }
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def redecide(doc: dict, out, *, command: str = "") -> dict:
+    """The claims of an earlier ``claims.json`` document decided again from its
+    ``measurements_per_seed`` (per-seed numbers; per-prompt values, when the document has them
+    only in its rows' ``d``, are not recovered — the decision is then over seeds, ``P = 1``), or
+    of a run folder's per-prompt seed files (:func:`load_for_redecide`: seeds × prompts).
+    Writes ``out/claims.json`` and ``out/claims.md``; returns the new document."""
+    if not isinstance(doc, dict) or not doc.get("measurements_per_seed"):
+        raise ValueError("the claims JSON has no 'measurements_per_seed'")
+    per_seed = doc["measurements_per_seed"]
+    per_prompt = bool(doc.get("per_prompt"))
+    rows = C.evaluate_claims(per_seed)
+    new = dict(doc)
+    new.update(
+        claims=rows,
+        outcomes=C.count_outcomes(rows),
+        redecided={"command": command, "from_command": doc.get("command", "")},
+        decision_rule="ldjax.experiments.stats.decide: 95 % t-interval of the paired effect "
+        + (
+            "over seeds x prompts (crossed; Satterthwaite df)"
+            if per_prompt
+            else "over seeds (per-seed means; no per-prompt values in the source)"
+        ),
+    )
+    if per_prompt:
+        new["measurements_per_seed"] = [C.scalar_measurements(m) for m in per_seed]
+    out = Path(out)
+    with common.staged_output(out) as stage:
+        write_text(stage / "claims.json", json.dumps(new, indent=1, default=float) + "\n")
+        header = (
+            "# Claims table — decided again (`ldjax reproduce lm --redecide`)\n\n"
+            f"Command: `{command}`  \nMeasurements from: `{doc.get('command', '')}`  \n"
+            f"Data: {doc.get('data', '?')}; seeds: {doc.get('seeds', '?')}; "
+            f"machine then: {doc.get('machine', '?')}; wall time then {doc.get('seconds', 0):.0f} s"
+            + (
+                "\n\nPer-prompt measurements: each effect's interval is over seeds × prompts.\n"
+                if per_prompt
+                else "\n\nThe source has one number per seed for each measurement (means over the "
+                "tracked prompts), so each effect's interval is the t-interval over seeds "
+                "(P = 1).\n"
+            )
+        )
+        write_text(stage / "claims.md", C.claims_markdown(rows, header=header))
+    return new
+
+
 def _run(args, argv) -> int:
+    command = "ldjax reproduce " + " ".join(shlex.quote(a) for a in argv)
+    if args.redecide:
+        try:
+            common.check_writable(args.out)
+            redecide(load_for_redecide(args.redecide), args.out, command=command)
+        except (ValueError, OSError, KeyError) as e:
+            print(f"ldjax reproduce: error: --redecide {args.redecide}: {e}", file=sys.stderr)
+            return 2
+        print((Path(args.out) / "claims.md").read_text(encoding="utf-8"))
+        return 0
     cache = (
         None if args.no_cache else Path(args.cache_dir) if args.cache_dir else common.cache_dir()
     )
@@ -480,7 +642,12 @@ def _run(args, argv) -> int:
         common.check_writable(args.out)
         if cache is not None:
             common.check_writable(cache, "--cache-dir")
-        base = preset(PRESETS, "quick" if args.quick else "default")
+        base = preset(PRESETS, args.preset or ("quick" if args.quick else "default"))
+        runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+        if sorted(set(runs) - set(RUNS)) or "sft" not in runs:
+            raise ValueError(
+                f"--runs must be a subset of {','.join(RUNS)} with sft, got {args.runs}"
+            )
         cfg = load_config(args.config, base) if args.config else base
         path = None if args.synthetic else (args.data or default_data_path())
         records, source = load_records(path, cfg)
@@ -488,7 +655,6 @@ def _run(args, argv) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"ldjax reproduce: error: {e}", file=sys.stderr)
         return 2
-    command = "ldjax reproduce " + " ".join(shlex.quote(a) for a in argv)
     print(f"{command}\ndata: {source}; {len(data.train)} train / {len(data.heldout)} held out")
     try:
         doc = reproduce_lm(
@@ -500,6 +666,7 @@ def _run(args, argv) -> int:
             long_factor=args.long_sft,
             progress=common.progress_enabled(args),
             command=command,
+            runs=runs,
         )
     except (ValueError, OSError) as e:
         print(f"ldjax reproduce: error: {e}", file=sys.stderr)
