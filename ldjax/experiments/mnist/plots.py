@@ -149,6 +149,16 @@ def plot_per_step(rec: dict, max_points: int = 4000, seed: int = 0):
         label="vs plain-SGD step: A linearisation only",
     )
     ax.plot(steps, cr["linear"], "-o", ms=2.5, color=_REAL, label="vs real step (momentum + wd)")
+    co = rec.get("cmp_opt")
+    if co is not None:
+        ax.plot(
+            steps,
+            co["linear"],
+            "-o",
+            ms=2.5,
+            color=_PRED,
+            label="optimizer-aware prediction vs real step",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("update step t")
     ax.set_ylabel("relative error of Δlog π")
@@ -168,31 +178,55 @@ def plot_per_step(rec: dict, max_points: int = 4000, seed: int = 0):
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center left")
     rng = np.random.default_rng(seed)
     pred = rec["pred_linear"][pos].ravel()
+    opt = co is not None and "pred_opt_linear" in rec
     for ax, act, name, col, cmp in (
         (axes[1], rec["sgd_actual"].ravel(), "actual plain-SGD step", _SGD, cs),
         (axes[2], rec["actual"][pos].ravel(), "actual real step (momentum + wd)", _REAL, cr),
     ):
         sel = rng.choice(pred.size, size=min(pred.size, max_points), replace=False)
-        ax.scatter(pred[sel], act[sel], s=3, color=col, alpha=0.5, edgecolors="none")
-        lim = np.abs(np.concatenate([pred[sel], act[sel]])).max() * 1.05
+        label = "plain-SGD prediction [−ηAKG]_y" if opt and col == _REAL else None
+        ax.scatter(pred[sel], act[sel], s=3, color=col, alpha=0.5, edgecolors="none", label=label)
+        shown = [pred[sel], act[sel]]
+        title = (
+            f"{name}: median rel. error {np.median(cmp['linear']):.2g},\n"
+            f"sign agreement {np.median(cmp['sign_agreement']):.2f} "
+            f"({len(steps)} steps × probes × classes)"
+        )
+        if opt and col == _REAL:
+            p_opt = rec["pred_opt_linear"][pos].ravel()
+            ax.scatter(
+                p_opt[sel],
+                act[sel],
+                s=3,
+                color=_PRED,
+                alpha=0.6,
+                edgecolors="none",
+                label="optimizer-aware prediction J_o Δθ",
+            )
+            shown.append(p_opt[sel])
+            title = (
+                f"{name}\nmedian rel. error: plain-SGD {np.median(cmp['linear']):.2g} "
+                f"(sign {np.median(cmp['sign_agreement']):.2f}), optimizer-aware "
+                f"{np.median(co['linear']):.2g} (sign {np.median(co['sign_agreement']):.2f})"
+            )
+        lim = np.abs(np.concatenate(shown)).max() * 1.05
         ax.plot([-lim, lim], [-lim, lim], "k-", lw=0.6, label="y = x")
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.yaxis.set_major_locator(MaxNLocator(7))
-        ax.set_xlabel("predicted Δlog π(y|x_o) = [−ηAKG]_y, η = η_t / B")
-        ax.set_ylabel(name)
-        ax.set_title(
-            f"{name}: median rel. error {np.median(cmp['linear']):.2g},\n"
-            f"sign agreement {np.median(cmp['sign_agreement']):.2f} "
-            f"({len(steps)} steps × probes × classes)",
-            fontsize=9,
+        ax.set_xlabel(
+            "predicted Δlog π(y|x_o)"
+            if opt and col == _REAL
+            else "predicted Δlog π(y|x_o) = [−ηAKG]_y, η = η_t / B"
         )
+        ax.set_ylabel(name)
+        ax.set_title(title, fontsize=9)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", markerscale=3)
     fig.suptitle(
-        "(b) Per-step prediction on fixed probes: the engine's plain-SGD decomposition "
-        "vs the actual change",
+        "(b) Per-step prediction on fixed probes: the engine's decomposition (plain SGD and "
+        "optimizer-aware) vs the actual change",
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0.03, 1, 0.95))
@@ -222,10 +256,15 @@ def plot_accumulated(
     own = np.zeros(a.shape, bool)
     own[np.arange(a.shape[0]), probe_y] = True
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    for ax, key, name in (
-        (axes[0], "pred_sum", "plain"),
-        (axes[1], "pred_sum_momentum", "momentum"),
-    ):
+    middle = (
+        ("pred_sum_optimizer", "optimizer")
+        if "pred_sum_optimizer" in acc
+        else (
+            "pred_sum_momentum",
+            "momentum",
+        )
+    )
+    for ax, key, name in ((axes[0], "pred_sum", "plain"), (axes[1], *middle)):
         p = acc[key]
         st = acc["stats"][name]
         ax.scatter(
@@ -250,14 +289,18 @@ def plot_accumulated(
         )
         ax.set_xlabel(
             "Σ_t predicted Δlog π(y|x_o)"
-            + (" (plain-SGD steps)" if name == "plain" else " · c_t/η_t")
+            + {
+                "plain": " (plain-SGD steps)",
+                "momentum": " · c_t/η_t",
+                "optimizer": " (the real updates, optimizer-aware)",
+            }[name]
         )
         ax.set_ylabel("actual log π_T(y|x_o) − log π_0(y|x_o)")
-        what = (
-            "plain-SGD predictions"
-            if name == "plain"
-            else "momentum-weighted (c_t = Σ_s≥t η_s μ^(s−t))"
-        )
+        what = {
+            "plain": "plain-SGD predictions",
+            "momentum": "momentum-weighted (c_t = Σ_s≥t η_s μ^(s−t))",
+            "optimizer": "optimizer-aware predictions (no reweighting)",
+        }[name]
         ax.set_title(
             f"{what}\nPearson {st['pearson']:.3f}, Spearman {st['spearman']:.3f} "
             f"over {a.size} probe×class entries",
