@@ -20,11 +20,16 @@ TYPES = (
 )
 
 
+N_PROMPTS = 6
+_U = np.linspace(-1.0, 1.0, N_PROMPTS)
+
+
 def _curve(first, last, n=4):
-    return list(np.linspace(first, last, n))
+    """``(n, N_PROMPTS)`` curves: prompt p goes first -> first + (last − first)(1 + 0.1 u_p)."""
+    return np.linspace(first, first + (last - first) * (1 + 0.1 * _U), n)
 
 
-def _run(changes: dict, firsts=None, argmax=(-60.0, -40.0), a_norm=(15.0, 16.0)):
+def _run(changes: dict, firsts=None, argmax=(-60.0, -40.0), a_norm=(15.0, 16.0), scale=1.0):
     """A run's curves on sets train/test: log π of each type goes first -> first + change."""
     firsts = firsts or {}
     out = {}
@@ -33,7 +38,7 @@ def _run(changes: dict, firsts=None, argmax=(-60.0, -40.0), a_norm=(15.0, 16.0))
         for t in TYPES:
             f = firsts.get(t, -100.0)
             d = {
-                "logp_sum": _curve(f, f + changes.get(t, 0.0)),
+                "logp_sum": _curve(f, f + scale * changes.get(t, 0.0)),
                 "argmax_path": _curve(*argmax) if t == "chosen" else _curve(-50, -50),
                 "A_norm": _curve(*a_norm) if t == "chosen" else _curve(15, 15),
             }
@@ -41,8 +46,8 @@ def _run(changes: dict, firsts=None, argmax=(-60.0, -40.0), a_norm=(15.0, 16.0))
     return out
 
 
-def _good_curves():
-    """Histories where every claim of the paper holds."""
+def _good_curves(scale=1.0):
+    """Histories where every claim of the paper holds (``scale`` varies the seeds)."""
     sft_changes = {
         "chosen": 30,
         "chosen_initial": 20,
@@ -56,25 +61,43 @@ def _good_curves():
     }
     dpo_changes = {t: -10.0 for t in TYPES}
     dpo_changes.update(chosen=-5, rejected=-40, greedy=8)
+    k = scale
     return {
-        "sft": _run(sft_changes, firsts={"random_nonhum": -150}),
-        "sft_long": _run(sft_changes),
-        "sft_extend": _run(dict(sft_changes, rejected=40)),
-        "dpo": _run(dpo_changes),
-        "dpo_long": _run({t: v * 2 for t, v in dpo_changes.items()}),
-        "dpo_onpolicy": _run({t: v / 4 for t, v in dpo_changes.items()}),
-        "dpo_extend": _run({t: v / 2 for t, v in dpo_changes.items()}, argmax=(-60, -50)),
+        "sft": _run(sft_changes, firsts={"random_nonhum": -150}, scale=k),
+        "sft_long": _run(sft_changes, scale=k),
+        "sft_extend": _run(dict(sft_changes, rejected=40), scale=k),
+        "dpo": _run(dpo_changes, scale=k),
+        "dpo_long": _run({t: v * 2 for t, v in dpo_changes.items()}, scale=k),
+        "dpo_onpolicy": _run({t: v / 4 for t, v in dpo_changes.items()}, scale=k),
+        "dpo_extend": _run({t: v / 2 for t, v in dpo_changes.items()}, argmax=(-60, -50), scale=k),
     }
 
 
-EXTRA = {
-    "dpo.degeneration": 0.3,
-    "dpo_extend.degeneration": 0.1,
-    **C.history_measurements(
-        "dpo",
-        {"loss": list(np.linspace(0.69, 0.2, 10)), "margin": list(np.linspace(0.0, 12.0, 10))},
-    ),
-}
+SCALES = (1.0, 0.9, 1.15)  # three "seeds"
+
+
+def _extra(seed=0, loss=(0.69, 0.2), margin=(0.0, 12.0), degeneration=(0.3, 0.1)):
+    """Per-run numbers of one seed: DPO loss/margin histories, per-prompt degeneration."""
+    j = 0.01 * seed
+    return {
+        "dpo.degeneration": degeneration[0] + 0.02 * _U,
+        "dpo_extend.degeneration": degeneration[1] + 0.02 * _U[::-1],
+        **C.history_measurements(
+            "dpo",
+            {
+                "loss": list(np.linspace(loss[0], loss[1] + j, 10)),
+                "margin": list(np.linspace(margin[0], margin[1] + j, 10)),
+            },
+        ),
+    }
+
+
+EXTRA = _extra()
+
+
+def _seeds(curves_fn=_good_curves, extra_fn=_extra):
+    """Measurements of three seeds."""
+    return [C.measure(curves_fn(k), extra_fn(i)) for i, k in enumerate(SCALES)]
 
 
 def _status(rows):
@@ -82,15 +105,27 @@ def _status(rows):
 
 
 def test_all_claims_pass_on_paper_like_histories():
-    m = C.measure(_good_curves(), EXTRA)
-    # extend's held-out chosen must not be below baseline: both decay, extend half as much
-    rows = C.evaluate_claims([m])
+    per_seed = _seeds()
+    m = per_seed[0]
+    rows = C.evaluate_claims(per_seed)
     st = _status(rows)
     assert set(st) == {c.id for c in C.CLAIMS}
     assert all(v == "PASS" for v in st.values()), st
-    assert m["dpo.train.others.fall_share"] == 1.0
-    assert m["dpo.train.others.logp_sum.change"] == pytest.approx(-10.0)
-    assert m["sft.train.chosen.logp_sum.change"] == pytest.approx(30.0)
+    assert np.all(np.asarray(m["dpo.train.others.fall_share"]) == 1.0)
+    assert np.mean(m["dpo.train.others.logp_sum.change"]) == pytest.approx(-10.0)
+    assert np.mean(m["sft.train.chosen.logp_sum.change"]) == pytest.approx(30.0)
+    # every row keeps the numbers its decision used: (S, P) paired differences
+    row = next(r for r in rows if r["id"] == "sft_chosen_rises")
+    (e,) = row["effects"]
+    assert np.shape(e["d"]) == (3, N_PROMPTS) and e["n_seeds"] == 3
+    assert e["effect"] == pytest.approx(30 * np.mean(SCALES))
+    assert e["lo"] > 0 and e["hi"] > e["effect"]
+    assert next(r for r in rows if r["id"] == "dpo_learns")["effects"][0]["n_prompts"] == 1
+    # one seed: probe claims are decided over prompts; per-run numbers (loss, margin) have no
+    # interval from one number, so dpo_learns is INCONCLUSIVE
+    st1 = _status(C.evaluate_claims(per_seed[:1]))
+    assert st1.pop("dpo_learns") == "INCONCLUSIVE"
+    assert all(v == "PASS" for v in st1.values()), st1
 
 
 @pytest.mark.parametrize(
@@ -141,9 +176,12 @@ def test_all_claims_pass_on_paper_like_histories():
     ],
 )
 def test_single_claim_fails_when_its_numbers_contradict_it(claim, mutate):
-    curves = _good_curves()
-    mutate(curves)
-    st = _status(C.evaluate_claims([C.measure(curves, EXTRA)]))
+    def curves_fn(k):
+        c = _good_curves(k)
+        mutate(c)
+        return c
+
+    st = _status(C.evaluate_claims(_seeds(curves_fn)))
     assert st[claim] == "FAIL", st
     assert sum(v == "FAIL" for v in st.values()) == 1, st
 
@@ -171,41 +209,36 @@ def test_history_measurements_average_first_and_last_fifth():
     ],
 )
 def test_dpo_learns_fails_when_loss_or_margin_go_the_wrong_way(loss, margin):
-    extra = dict(
-        EXTRA,
-        **C.history_measurements(
-            "dpo", {"loss": list(np.linspace(*loss, 10)), "margin": list(np.linspace(*margin, 10))}
-        ),
-    )
-    st = _status(C.evaluate_claims([C.measure(_good_curves(), extra)]))
+    st = _status(C.evaluate_claims(_seeds(extra_fn=lambda i: _extra(i, loss, margin))))
     assert st["dpo_learns"] == "FAIL" and sum(v == "FAIL" for v in st.values()) == 1, st
 
 
-def test_most_types_fall_needs_a_majority():
-    curves = _good_curves()
+@pytest.mark.parametrize("n_rise,status", [(3, "INCONCLUSIVE"), (4, "FAIL")])
+def test_most_types_fall_needs_a_majority(n_rise, status):
     others = [t for t in TYPES if t not in C.OTHER_EXCLUDE]  # 6 types
-    for t in others[:3]:  # half rise: 0.5 is not "most"
-        curves["dpo"]["train"][t]["logp_sum"] = _curve(-100, -90)
-    m = C.measure(curves, EXTRA)
-    assert m["dpo.train.others.fall_share"] == pytest.approx(0.5)
-    assert _status(C.evaluate_claims([m]))["dpo_most_types_fall"] == "FAIL"
+
+    def curves_fn(k):
+        curves = _good_curves(k)
+        for t in others[:n_rise]:  # half rise: exactly 0.5 is neither most nor a minority
+            curves["dpo"]["train"][t]["logp_sum"] = _curve(-100, -90)
+        return curves
+
+    per_seed = _seeds(curves_fn)
+    share = np.asarray(per_seed[0]["dpo.train.others.fall_share"])
+    assert share == pytest.approx(1 - n_rise / 6)
+    assert _status(C.evaluate_claims(per_seed))["dpo_most_types_fall"] == status
 
 
 def test_comparisons_between_runs_can_fail():
-    curves = _good_curves()
-    # on-policy decays more than off-policy; extend decays more; long SFT decays less
-    curves["dpo_onpolicy"] = _run({t: -30.0 for t in TYPES})
-    curves["dpo_extend"] = _run({t: -30.0 for t in TYPES}, argmax=(-60, -10))
-    curves["dpo_long"] = _run({t: -1.0 for t in TYPES})
-    st = _status(
-        C.evaluate_claims(
-            [
-                C.measure(
-                    curves, dict(EXTRA, **{"dpo.degeneration": 0.1, "dpo_extend.degeneration": 0.4})
-                )
-            ]
-        )
-    )
+    def curves_fn(k):
+        curves = _good_curves(k)
+        # on-policy decays more than off-policy; extend decays more; long SFT decays less
+        curves["dpo_onpolicy"] = _run({t: -30.0 for t in TYPES}, scale=k)
+        curves["dpo_extend"] = _run({t: -30.0 for t in TYPES}, argmax=(-60, -10), scale=k)
+        curves["dpo_long"] = _run({t: -1.0 for t in TYPES}, scale=k)
+        return curves
+
+    st = _status(C.evaluate_claims(_seeds(curves_fn, lambda i: _extra(i, degeneration=(0.1, 0.4)))))
     for k in (
         "onpolicy_less_decay",
         "extend_others_decay_slower",
@@ -225,19 +258,25 @@ def test_missing_measurement_is_reported_not_hidden():
     assert row["status"] == "MISSING" and "dpo_onpolicy" in row["error"]
 
 
-def test_seeds_mean_std_and_per_seed_passes():
+def test_a_mean_carried_by_two_seeds_of_three_is_inconclusive():
     good = C.measure(_good_curves(), EXTRA)
     bad_curves = _good_curves()
     bad_curves["sft"]["train"]["chosen"]["logp_sum"] = _curve(-100, -110)  # Δ = -10 vs +30
     bad = C.measure(bad_curves, EXTRA)
     rows = C.evaluate_claims([good, good, bad])
     row = next(r for r in rows if r["id"] == "sft_chosen_rises")
-    mean, std = row["numbers"]["change"]
-    assert mean == pytest.approx((30 + 30 - 10) / 3)
+    mean, std = row["numbers"]["chosen last"]
+    assert mean == pytest.approx(-100 + (30 + 30 - 10) / 3)
     assert std == pytest.approx(np.std([30, 30, -10]))
-    assert row["status"] == "PASS" and row["seeds_passed"] == 2 and row["n_seeds"] == 3
+    (e,) = row["effects"]
+    assert e["seed_effects"] == pytest.approx([30, 30, -10])
+    assert e["effect"] == pytest.approx(50 / 3)
+    # no prompt effect beyond the proportional jitter: ν ≈ 2 and the interval is the t-interval
+    # of the seed means, 50/3 ± 4.30 · 23.1 / √3 — it contains 0
+    assert e["lo"] < 0 < e["hi"]
+    assert row["status"] == "INCONCLUSIVE" and row["seeds_passed"] == 2 and row["n_seeds"] == 3
     md = C.claims_markdown(rows)
-    assert "2/3" in md and "±" in md
+    assert "2/3" in md and "±" in md and "INCONCLUSIVE" in md
 
 
 def test_repeated_ngram_share_closed_form():
@@ -317,7 +356,11 @@ def test_tiny_end_to_end_run_writes_every_claim(tmp_path):
     assert rc == 0
     doc = json.loads((out / "claims.json").read_text())
     assert [r["id"] for r in doc["claims"]] == [c.id for c in C.CLAIMS]
-    assert all(r["status"] in ("PASS", "FAIL") for r in doc["claims"]), doc["claims"]
+    assert all(r["status"] in ("PASS", "FAIL", "INCONCLUSIVE") for r in doc["claims"])
+    assert sum(doc["outcomes"].values()) == len(C.CLAIMS)
+    for r in doc["claims"]:  # every number of the decision is kept
+        for e in r["effects"]:
+            assert np.shape(e["d"])[0] == 1 and {"lo", "hi", "df", "effect"} <= set(e)
     # long SFT = 2 x 3 steps; baseline SFT's last evaluation is its step 3
     assert doc["steps"]["sft"] == 3 and doc["steps"]["sft_long"] == 6
     m = doc["measurements_per_seed"][0]
@@ -331,7 +374,7 @@ def test_tiny_end_to_end_run_writes_every_claim(tmp_path):
         )
         assert np.isfinite(m[f"{run}.margin.last"])
     md = (out / "claims.md").read_text()
-    assert md.count("| **PASS** |") + md.count("| **FAIL** |") == len(C.CLAIMS)
+    assert sum(md.count(f"| **{k}** |") for k in ("PASS", "FAIL", "INCONCLUSIVE")) == len(C.CLAIMS)
     for f in doc["figures"]:
         assert (tmp_path / f).exists() or __import__("os").path.exists(f)
 
@@ -379,3 +422,24 @@ def test_preference_n_pairs_uses_the_first_records():
     got = sorted(map(tuple, res.last_batch["pos_tokens"].tolist()))
     assert got == sorted(map(tuple, pos["tokens"][:4].tolist()))  # the first 4 pairs, nothing else
     assert got != sorted(map(tuple, pos["tokens"][4:8].tolist()))
+
+
+def test_redecide_an_earlier_claims_json(tmp_path):
+    from ldjax.experiments.reproduce.cli import main
+
+    # an earlier document: one number per seed (means over prompts) and old PASS/FAIL rows
+    per_seed = [C.scalar_measurements(m) for m in _seeds()]
+    src = tmp_path / "old.json"
+    src.write_text(json.dumps({"command": "old", "measurements_per_seed": per_seed, "claims": []}))
+    out = tmp_path / "new"
+    assert main(["lm", "--redecide", str(src), "--out", str(out)]) == 0
+    doc = json.loads((out / "claims.json").read_text())
+    assert doc["measurements_per_seed"] == per_seed
+    row = next(r for r in doc["claims"] if r["id"] == "sft_chosen_rises")
+    (e,) = row["effects"]
+    assert e["n_prompts"] == 1 and e["df"] == 2
+    assert e["seed_effects"] == pytest.approx([30 * k for k in SCALES])
+    assert sum(doc["outcomes"].values()) == len(C.CLAIMS)
+    assert "t-interval over seeds" in (out / "claims.md").read_text()
+    src.write_text("{}")
+    assert main(["lm", "--redecide", str(src), "--out", str(out)]) == 2

@@ -31,13 +31,18 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ldjax.experiments import stats as S
+
 __all__ = [
     "Claim",
     "CLAIMS",
     "NATURAL_EXCLUDE",
     "OTHER_EXCLUDE",
     "measure",
+    "scalar_measurements",
+    "count_outcomes",
     "repeated_ngram_share",
+    "repeated_ngram_shares",
     "history_measurements",
     "evaluate_claims",
     "claims_markdown",
@@ -53,17 +58,24 @@ NATURAL_EXCLUDE = ("random_permute", "random_nonhum", "greedy")
 METRICS = ("logp_sum", "argmax_path", "A_norm")
 
 
-def repeated_ngram_share(texts: Sequence[str], n: int = 3) -> float:
-    """Degeneration of decodes: mean over texts (with at least one word n-gram) of
-    1 − #distinct n-grams / #n-grams; 0 = no repetition, → 1 = one n-gram repeated.
-    NaN when no text has ``n`` words."""
+def repeated_ngram_shares(texts: Sequence[str], n: int = 3) -> np.ndarray:
+    """Degeneration of each decode: 1 − #distinct word n-grams / #n-grams (0 = no repetition,
+    → 1 = one n-gram repeated); NaN for a text with fewer than ``n`` words. Shape ``(len(texts),)``.
+    """
     vals = []
     for t in texts:
         w = t.split()
         grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
-        if grams:
-            vals.append(1.0 - len(set(grams)) / len(grams))
-    return float(np.mean(vals)) if vals else float("nan")
+        vals.append(1.0 - len(set(grams)) / len(grams) if grams else np.nan)
+    return np.asarray(vals, np.float64)
+
+
+def repeated_ngram_share(texts: Sequence[str], n: int = 3) -> float:
+    """The mean of :func:`repeated_ngram_shares` over texts with at least one n-gram; NaN when
+    no text has ``n`` words."""
+    v = repeated_ngram_shares(texts, n)
+    v = v[np.isfinite(v)]
+    return float(np.mean(v)) if v.size else float("nan")
 
 
 def history_measurements(
@@ -87,203 +99,273 @@ def history_measurements(
     return out
 
 
-def measure(curves: Mapping[str, Mapping], extra: Mapping[str, float] | None = None) -> dict:
-    """Flat measurements (module docstring) from ``curves[run][set][type][metric]`` = a 1-D
-    sequence over evaluations (mean over prompts). ``extra`` entries are copied in."""
+def _vec(v):
+    """A measurement as a float (a per-run number) or a tuple of per-prompt floats."""
+    a = np.asarray(v, np.float64)
+    return float(a) if a.ndim == 0 else tuple(float(x) for x in a)
+
+
+def measure(curves: Mapping[str, Mapping], extra: Mapping[str, object] | None = None) -> dict:
+    """Flat measurements (module docstring) from ``curves[run][set][type][metric]``: an ``(E,)``
+    sequence over evaluations (a mean over prompts) or an ``(E, N)`` array (per prompt; then each
+    measurement is a tuple of N per-prompt values, and the decision uses prompts as units).
+    ``extra`` entries (floats, or per-prompt sequences) are copied in.
+
+    ``others.logp_sum.change`` is, per prompt, the mean change over the other types;
+    ``others.fall_share`` per prompt the share of other types whose log π fell."""
     m: dict = {}
     for run, sets in curves.items():
         for s, types in sets.items():
             for t, mets in types.items():
                 for k, c in mets.items():
                     c = np.asarray(c, np.float64)
-                    if c.ndim != 1 or c.size == 0:
+                    if c.ndim not in (1, 2) or c.shape[0] == 0 or c.size == 0:
                         raise ValueError(
-                            f"curve {run}.{s}.{t}.{k} must be a non-empty 1-D sequence, "
+                            f"curve {run}.{s}.{t}.{k} must be a non-empty (E,) or (E, N) array, "
                             f"got shape {c.shape}"
                         )
-                    m[f"{run}.{s}.{t}.{k}.first"] = float(c[0])
-                    m[f"{run}.{s}.{t}.{k}.last"] = float(c[-1])
-                    m[f"{run}.{s}.{t}.{k}.change"] = float(c[-1] - c[0])
+                    m[f"{run}.{s}.{t}.{k}.first"] = _vec(c[0])
+                    m[f"{run}.{s}.{t}.{k}.last"] = _vec(c[-1])
+                    m[f"{run}.{s}.{t}.{k}.change"] = _vec(c[-1] - c[0])
             others = [t for t in types if t not in OTHER_EXCLUDE and "logp_sum" in types[t]]
             if others:
-                ch = [m[f"{run}.{s}.{t}.logp_sum.change"] for t in others]
-                m[f"{run}.{s}.others.logp_sum.change"] = float(np.mean(ch))
-                m[f"{run}.{s}.others.fall_share"] = float(np.mean([c < 0 for c in ch]))
+                ch = np.stack([np.asarray(m[f"{run}.{s}.{t}.logp_sum.change"]) for t in others])
+                m[f"{run}.{s}.others.logp_sum.change"] = _vec(ch.mean(0))
+                m[f"{run}.{s}.others.fall_share"] = _vec((ch < 0).mean(0))
     for k, v in (extra or {}).items():
-        m[k] = float(v)
+        m[k] = _vec(v)
     return m
+
+
+def scalar_measurements(m: Mapping[str, object]) -> dict:
+    """Every measurement as one float: per-prompt tuples replaced by their mean over prompts
+    (NaN-aware) — the per-seed numbers of the JSON."""
+    out = {}
+    for k, v in m.items():
+        a = np.asarray(v, np.float64)
+        out[k] = (
+            float(a) if a.ndim == 0 else float(np.nanmean(a)) if np.isfinite(a).any() else np.nan
+        )
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    """One claim: ``check(m) -> (passed, numbers)`` on a measurement dict ``m``; ``numbers`` are
-    the values shown in the table (name -> float). ``section`` groups the table."""
+    """One claim about the paired effects of a seed's measurements ``m``.
+
+    ``effects(m) -> {name: (d, direction)}``: each condition of the claim as paired differences
+    ``d`` (a float, or ``(N,)`` over prompts) whose sign should be ``direction`` (+1/−1); the
+    claim holds when every condition does (:func:`ldjax.experiments.stats.combine_decisions`).
+    ``context(m) -> {name: value}``: the levels shown beside the effect (means over prompts).
+    ``section`` groups the table."""
 
     id: str
     section: str
     text: str
-    check: Callable[[Mapping[str, float]], tuple]
+    effects: Callable[[Mapping], dict]
+    context: Callable[[Mapping], dict]
 
 
 def _get(m, key):
     if key not in m:
         raise KeyError(f"measurement {key!r} is missing (have {len(m)} keys)")
-    return m[key]
+    return np.asarray(m[key], np.float64)
 
 
-def _sign(run, s, t, metric, sign):
-    def check(m):
-        v = _get(m, f"{run}.{s}.{t}.{metric}.change")
-        return (v > 0 if sign > 0 else v < 0), {
-            f"{t} first": _get(m, f"{run}.{s}.{t}.{metric}.first"),
-            f"{t} last": _get(m, f"{run}.{s}.{t}.{metric}.last"),
-            "change": v,
+def _mean(a) -> float:
+    a = np.asarray(a, np.float64)
+    return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
+
+
+def _sign(run, s, t, metric, sign, label):
+    def effects(m):
+        return {f"Δ {label}": (_get(m, f"{run}.{s}.{t}.{metric}.change"), sign)}
+
+    def context(m):
+        return {
+            f"{t} first": _mean(_get(m, f"{run}.{s}.{t}.{metric}.first")),
+            f"{t} last": _mean(_get(m, f"{run}.{s}.{t}.{metric}.last")),
         }
 
-    return check
+    return effects, context
 
 
-def _nonhum_lowest(m):
+def _natural_lowest(m):
+    """(random_nonhum last, the natural-language type with the lowest mean last log π, its
+    last log π) in run ``sft``."""
     types = sorted(
         {k.split(".")[2] for k in m if k.startswith("sft.train.") and k.endswith(".logp_sum.last")}
     )
     natural = [t for t in types if t not in NATURAL_EXCLUDE and t != "others"]
     low = _get(m, "sft.train.random_nonhum.logp_sum.last")
-    vals = {t: m[f"sft.train.{t}.logp_sum.last"] for t in natural}
+    vals = {t: _get(m, f"sft.train.{t}.logp_sum.last") for t in natural}
     if not vals:
         raise KeyError("no natural-language probe type measured in run 'sft'")
-    lowest_nat = min(vals, key=vals.get)
-    return low < vals[lowest_nat], {
-        "random_nonhum last": low,
-        "lowest natural-language type last": vals[lowest_nat],
+    lowest = min(vals, key=lambda t: _mean(vals[t]))
+    return low, lowest, vals[lowest]
+
+
+def _nonhum_lowest_effects(m):
+    low, _, nat = _natural_lowest(m)
+    return {"y_rnd − lowest natural type (last log π)": (low - nat, -1)}
+
+
+def _nonhum_lowest_context(m):
+    low, _, nat = _natural_lowest(m)
+    return {"random_nonhum last": _mean(low), "lowest natural-language type last": _mean(nat)}
+
+
+def _dpo_learns_effects(m):
+    return {
+        "DPO loss last − first": (_get(m, "dpo.loss.last") - _get(m, "dpo.loss.first"), -1),
+        "margin last − first": (_get(m, "dpo.margin.last") - _get(m, "dpo.margin.first"), +1),
     }
 
 
-def _dpo_learns(m):
-    lf, ll = _get(m, "dpo.loss.first"), _get(m, "dpo.loss.last")
-    mf, ml = _get(m, "dpo.margin.first"), _get(m, "dpo.margin.last")
-    return (ll < lf and ml > mf), {
-        "DPO loss first": lf,
-        "DPO loss last": ll,
-        "margin first": mf,
-        "margin last": ml,
+def _dpo_learns_context(m):
+    return {
+        "DPO loss first": _mean(_get(m, "dpo.loss.first")),
+        "DPO loss last": _mean(_get(m, "dpo.loss.last")),
+        "margin first": _mean(_get(m, "dpo.margin.first")),
+        "margin last": _mean(_get(m, "dpo.margin.last")),
     }
 
 
-def _rejected_faster(m):
+def _rejected_faster_effects(m):
     r = _get(m, "dpo.train.rejected.logp_sum.change")
     c = _get(m, "dpo.train.chosen.logp_sum.change")
-    return (r < 0 and r < c), {"Δ rejected": r, "Δ chosen": c}
+    return {"Δ rejected": (r, -1), "Δ rejected − Δ chosen": (r - c, -1)}
 
 
-def _most_fall(m):
-    share = _get(m, "dpo.train.others.fall_share")
-    return share > 0.5, {
-        "share of other types that fall": share,
-        "mean Δ of other types": _get(m, "dpo.train.others.logp_sum.change"),
+def _rejected_faster_context(m):
+    return {
+        "Δ rejected": _mean(_get(m, "dpo.train.rejected.logp_sum.change")),
+        "Δ chosen": _mean(_get(m, "dpo.train.chosen.logp_sum.change")),
     }
 
 
-def _compare(key_a, key_b, name_a, name_b, greater: bool):
-    """PASS when m[key_a] > m[key_b] (greater) or m[key_a] < m[key_b] (not greater)."""
-
-    def check(m):
-        a, b = _get(m, key_a), _get(m, key_b)
-        return (a > b if greater else a < b), {name_a: a, name_b: b}
-
-    return check
+def _most_fall_effects(m):
+    return {
+        "share of other types that fall − ½": (_get(m, "dpo.train.others.fall_share") - 0.5, +1)
+    }
 
 
-def _longer_sft_squeeze(m):
-    # squeeze = how much the other types decay during DPO (−mean Δ log π); also the argmax path
-    # rise.
+def _most_fall_context(m):
+    return {
+        "share of other types that fall": _mean(_get(m, "dpo.train.others.fall_share")),
+        "mean Δ of other types": _mean(_get(m, "dpo.train.others.logp_sum.change")),
+    }
+
+
+def _compare(key_a, key_b, name_a, name_b, greater: bool, label: str = ""):
+    """The claim m[key_a] > m[key_b] (greater) or m[key_a] < m[key_b]: effect a − b."""
+
+    def effects(m):
+        return {
+            label or f"{name_a} − {name_b}": (_get(m, key_a) - _get(m, key_b), 1 if greater else -1)
+        }
+
+    def context(m):
+        return {name_a: _mean(_get(m, key_a)), name_b: _mean(_get(m, key_b))}
+
+    return effects, context
+
+
+def _longer_sft_effects(m):
+    # squeeze = how much the other types decay during DPO (−mean Δ log π)
     sl = -_get(m, "dpo_long.train.others.logp_sum.change")
     sb = -_get(m, "dpo.train.others.logp_sum.change")
-    return sl > sb, {
-        "decay of others, long SFT": sl,
-        "decay of others, baseline SFT": sb,
-        "Δ argmax path, long": _get(m, "dpo_long.train.chosen.argmax_path.change"),
-        "Δ argmax path, baseline": _get(m, "dpo.train.chosen.argmax_path.change"),
+    return {"decay of others, long − baseline SFT": (sl - sb, +1)}
+
+
+def _longer_sft_context(m):
+    return {
+        "decay of others, long SFT": -_mean(_get(m, "dpo_long.train.others.logp_sum.change")),
+        "decay of others, baseline SFT": -_mean(_get(m, "dpo.train.others.logp_sum.change")),
+        "Δ argmax path, long": _mean(_get(m, "dpo_long.train.chosen.argmax_path.change")),
+        "Δ argmax path, baseline": _mean(_get(m, "dpo.train.chosen.argmax_path.change")),
     }
 
 
-def _degeneration(m):
-    e, b = _get(m, "dpo_extend.degeneration"), _get(m, "dpo.degeneration")
-    if math.isnan(e) or math.isnan(b):
-        return False, {"extend": e, "baseline": b}
-    return e <= b, {"repeated 2-gram share, extend": e, "baseline": b}
+def _claim(id, section, text, pair):
+    return Claim(id, section, text, pair[0], pair[1])
 
 
 CLAIMS: tuple = (
-    Claim(
+    _claim(
         "sft_chosen_rises",
         "SFT",
         "log π(y⁺_u) rises during SFT",
-        _sign("sft", "train", "chosen", "logp_sum", +1),
+        _sign("sft", "train", "chosen", "logp_sum", +1, "log π(y⁺)"),
     ),
-    Claim(
+    _claim(
         "sft_irr_train_rises",
         "SFT",
         "log π(y⁺_{j≠u}) (irr_train) rises during SFT",
-        _sign("sft", "train", "irr_train", "logp_sum", +1),
+        _sign("sft", "train", "irr_train", "logp_sum", +1, "log π(y⁺_{j≠u})"),
     ),
-    Claim(
+    _claim(
         "sft_random_permute_falls",
         "SFT",
         "log π(y_rnd') (random_permute) falls during SFT",
-        _sign("sft", "train", "random_permute", "logp_sum", -1),
+        _sign("sft", "train", "random_permute", "logp_sum", -1, "log π(y_rnd')"),
     ),
-    Claim(
+    _claim(
         "sft_random_nonhum_falls",
         "SFT",
         "log π(y_rnd) (random_nonhum) falls during SFT",
-        _sign("sft", "train", "random_nonhum", "logp_sum", -1),
+        _sign("sft", "train", "random_nonhum", "logp_sum", -1, "log π(y_rnd)"),
     ),
-    Claim(
+    _claim(
         "sft_random_nonhum_lowest",
         "SFT",
         "after SFT, log π(y_rnd) is below every natural-language type",
-        _nonhum_lowest,
+        (_nonhum_lowest_effects, _nonhum_lowest_context),
     ),
-    Claim(
+    _claim(
         "dpo_learns",
         "DPO",
         "off-policy DPO learns: its training loss falls and the chosen-vs-rejected "
         "margin (implicit reward) grows (first vs last fifth of the steps)",
-        _dpo_learns,
+        (_dpo_learns_effects, _dpo_learns_context),
     ),
-    Claim(
+    _claim(
         "dpo_rejected_falls_faster",
         "DPO",
         "off-policy DPO: log π(y⁻) falls, and faster than log π(y⁺)",
-        _rejected_faster,
+        (_rejected_faster_effects, _rejected_faster_context),
     ),
-    Claim("dpo_most_types_fall", "DPO", "off-policy DPO: most other probe types fall", _most_fall),
-    Claim(
+    _claim(
+        "dpo_most_types_fall",
+        "DPO",
+        "off-policy DPO: most other probe types fall",
+        (_most_fall_effects, _most_fall_context),
+    ),
+    _claim(
         "dpo_argmax_path_rises",
         "DPO",
         "off-policy DPO: teacher-forced argmax path Σ_m log max π_m along y⁺ rises (paper's 'y*')",
-        _sign("dpo", "train", "chosen", "argmax_path", +1),
+        _sign("dpo", "train", "chosen", "argmax_path", +1, "argmax path"),
     ),
-    Claim(
+    _claim(
         "dpo_peakiness_rises",
         "DPO",
         "off-policy DPO: peakiness ‖A_o‖ on y⁺ rises",
-        _sign("dpo", "train", "chosen", "A_norm", +1),
+        _sign("dpo", "train", "chosen", "A_norm", +1, "‖A‖"),
     ),
-    Claim(
+    _claim(
         "dpo_greedy_rises",
         "DPO",
         "off-policy DPO: log π of the greedy-decoded y* rises (reported beside the argmax path)",
-        _sign("dpo", "train", "greedy", "logp_sum", +1),
+        _sign("dpo", "train", "greedy", "logp_sum", +1, "log π(y*)"),
     ),
-    Claim(
+    _claim(
         "longer_sft_more_squeeze",
         "Longer SFT",
         "a longer SFT before DPO → the other types decay more during DPO",
-        _longer_sft_squeeze,
+        (_longer_sft_effects, _longer_sft_context),
     ),
-    Claim(
+    _claim(
         "onpolicy_less_decay",
         "On-policy",
         "DPO with on-policy negatives → other types decay less than off-policy",
@@ -293,9 +375,10 @@ CLAIMS: tuple = (
             "mean Δ others, on-policy",
             "mean Δ others, off-policy",
             True,
+            "Δ others, on-policy − off-policy",
         ),
     ),
-    Claim(
+    _claim(
         "extend_rejected_higher",
         "Extend",
         "after SFT, log π(y⁻) is higher with extend than baseline",
@@ -305,9 +388,10 @@ CLAIMS: tuple = (
             "rejected after extend SFT",
             "rejected after baseline SFT",
             True,
+            "log π(y⁻), extend − baseline",
         ),
     ),
-    Claim(
+    _claim(
         "extend_others_decay_slower",
         "Extend",
         "during DPO the other types decay more slowly after extend",
@@ -317,9 +401,10 @@ CLAIMS: tuple = (
             "mean Δ others, extend",
             "mean Δ others, baseline",
             True,
+            "Δ others, extend − baseline",
         ),
     ),
-    Claim(
+    _claim(
         "extend_ystar_rises_slower",
         "Extend",
         "during DPO the argmax path y* rises more slowly after extend",
@@ -329,66 +414,116 @@ CLAIMS: tuple = (
             "Δ argmax path, extend",
             "Δ argmax path, baseline",
             False,
+            "Δ argmax path, extend − baseline",
         ),
     ),
-    Claim(
+    _claim(
         "extend_heldout_chosen",
         "Extend",
-        "after DPO, held-out log π(y⁺) is at least the baseline's",
+        "after DPO, held-out log π(y⁺) is higher than the baseline's",
         _compare(
             "dpo_extend.test.chosen.logp_sum.last",
             "dpo.test.chosen.logp_sum.last",
             "held-out chosen, extend",
             "held-out chosen, baseline",
             True,
+            "held-out log π(y⁺), extend − baseline",
         ),
     ),
-    Claim(
+    _claim(
         "extend_less_degenerate",
         "Extend",
-        "after DPO, greedy decodes (held-out prompts) repeat word 2-grams no more than baseline's",
-        _degeneration,
+        "after DPO, greedy decodes (held-out prompts) repeat word 2-grams less than baseline's",
+        _compare(
+            "dpo_extend.degeneration",
+            "dpo.degeneration",
+            "repeated 2-gram share, extend",
+            "baseline",
+            False,
+            "repeated 2-gram share, extend − baseline",
+        ),
     ),
 )
 """Every claim of the table, in order."""
 
 
-def aggregate(per_seed: Sequence[Mapping[str, float]]) -> tuple[dict, dict]:
-    """``(mean, std)`` of every key over seeds (keys present in all seeds; std ddof=0)."""
+def aggregate(per_seed: Sequence[Mapping[str, object]]) -> tuple[dict, dict]:
+    """``(mean, std)`` over seeds of every key's per-seed value (per-prompt values averaged over
+    prompts first; keys present in all seeds; std ddof=0)."""
     if not per_seed:
         raise ValueError("no measurements")
-    keys = set(per_seed[0]).intersection(*map(set, per_seed[1:]))
-    mean = {k: float(np.mean([m[k] for m in per_seed])) for k in keys}
-    std = {k: float(np.std([m[k] for m in per_seed])) for k in keys}
+    flat = [scalar_measurements(m) for m in per_seed]
+    keys = set(flat[0]).intersection(*map(set, flat[1:]))
+    mean = {k: float(np.mean([m[k] for m in flat])) for k in keys}
+    std = {k: float(np.std([m[k] for m in flat])) for k in keys}
     return mean, std
 
 
+def _stack(ds, name):
+    """Per-seed paired differences -> ``(S, P)``; every seed must have the same P."""
+    arrs = [np.atleast_1d(np.asarray(d, np.float64)) for d in ds]
+    sizes = {a.size for a in arrs}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"effect {name!r}: seeds have different numbers of prompts {sorted(sizes)}"
+        )
+    return np.stack(arrs)
+
+
 def evaluate_claims(
-    per_seed: Sequence[Mapping[str, float]], claims: Sequence[Claim] = CLAIMS
+    per_seed: Sequence[Mapping[str, object]], claims: Sequence[Claim] = CLAIMS, level: float = 0.95
 ) -> list[dict]:
-    """Each claim on the mean over seeds (its ``status``) and on each seed (``seeds_passed``).
-    Rows: ``id, section, claim, status ("PASS"/"FAIL"/"MISSING"), numbers {name: [mean, std]},
-    seeds_passed, n_seeds``; MISSING (with ``error``) when a needed measurement is absent."""
-    mean, std = aggregate(per_seed)
+    """Each claim decided on its paired effects over seeds × prompts
+    (:func:`ldjax.experiments.stats.decide`; the rule is documented in
+    :mod:`ldjax.experiments.stats`).
+
+    Rows: ``id, section, claim, n_seeds, status`` (PASS / FAIL / INCONCLUSIVE, or MISSING with
+    ``error`` when a needed measurement is absent), ``effects``: one dict per condition with
+    ``name, direction, effect, lo, hi, se, df, n_seeds, n_prompts, method, status``, the
+    per-seed effects ``seed_effects`` (means over prompts) and ``d`` (the ``(S, P)`` paired
+    differences the decision used); ``numbers {name: [mean, std over seeds]}`` (the context
+    levels); ``seeds_passed``: seeds whose own effects all have the claimed sign."""
     rows = []
     for c in claims:
         row = {"id": c.id, "section": c.section, "claim": c.text, "n_seeds": len(per_seed)}
         try:
-            ok, nums = c.check(mean)
-            per = [bool(c.check(m)[0]) for m in per_seed]
+            effs = [c.effects(m) for m in per_seed]
+            ctx = [c.context(m) for m in per_seed]
         except KeyError as e:
-            row.update(status="MISSING", error=str(e), numbers={}, seeds_passed=0)
+            row.update(status="MISSING", error=str(e), effects=[], numbers={}, seeds_passed=0)
             rows.append(row)
             continue
-        # std of each displayed number: evaluate the check on each seed and take the spread
-        per_nums = [c.check(m)[1] for m in per_seed]
-        row["numbers"] = {
-            k: [float(v), float(np.std([p.get(k, np.nan) for p in per_nums]))]
-            for k, v in nums.items()
-        }
-        row.update(status="PASS" if ok else "FAIL", seeds_passed=int(sum(per)))
+        out = []
+        for name, (_, direction) in effs[0].items():
+            d = _stack([e[name][0] for e in effs], name)
+            r = S.decide(d, direction, level)
+            out.append(
+                {
+                    "name": name,
+                    **r,
+                    "seed_effects": [_mean(x) for x in d],
+                    "d": [[float(v) for v in x] for x in d],
+                }
+            )
+        seeds_ok = sum(
+            all(np.sign(o["seed_effects"][i]) == o["direction"] for o in out)
+            for i in range(len(per_seed))
+        )
+        row.update(
+            status=S.combine_decisions([o["status"] for o in out]),
+            effects=out,
+            numbers={
+                k: [float(np.mean([x[k] for x in ctx])), float(np.std([x[k] for x in ctx]))]
+                for k in ctx[0]
+            },
+            seeds_passed=int(seeds_ok),
+        )
         rows.append(row)
     return rows
+
+
+def _num(v):
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
 
 
 def _fmt(v, s, n):
@@ -397,25 +532,52 @@ def _fmt(v, s, n):
     return f"{v:.3g}" if n == 1 else f"{v:.3g} ± {s:.2g}"
 
 
+def _effect_cell(e) -> str:
+    lo = "−∞" if math.isinf(e["lo"]) else _num(e["lo"])
+    hi = "∞" if math.isinf(e["hi"]) else _num(e["hi"])
+    arrow = ">" if e["direction"] > 0 else "<"
+    return (
+        f"{e['name']} = {_num(e['effect'])} [{lo}, {hi}] "
+        f"(claim {arrow} 0; {e['n_seeds']}×{e['n_prompts']}, ν={e['df']:.3g})"
+    )
+
+
+def count_outcomes(rows: Sequence[dict]) -> dict:
+    """``{"PASS": n, "FAIL": n, "INCONCLUSIVE": n, "MISSING": n}``."""
+    out = {k: 0 for k in (*S.OUTCOMES, "MISSING")}
+    for r in rows:
+        out[r["status"]] = out.get(r["status"], 0) + 1
+    return out
+
+
 def claims_markdown(rows: Sequence[dict], *, header: str = "") -> str:
-    """The claims table as Markdown (one row per claim)."""
+    """The claims table as Markdown: one row per claim with each condition's effect, its 95 %
+    interval (``[lo, hi]``; ``S×P`` seeds × prompts, ν degrees of freedom), the context levels,
+    the decision and the seeds whose own effect has the claimed sign."""
     lines = [header] if header else []
     n = rows[0]["n_seeds"] if rows else 1
     lines += [
-        "| # | section | claim | measured"
+        "| # | section | claim | effect [95 % interval] | levels"
         + (" (mean ± std over seeds)" if n > 1 else "")
-        + " | result |"
-        + (" seeds passed |" if n > 1 else ""),
-        "|---|---|---|---|---|" + ("---|" if n > 1 else ""),
+        + " | result | seeds with the claimed sign |",
+        "|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(rows, 1):
-        nums = "; ".join(f"{k} = {_fmt(v, s, n)}" for k, (v, s) in r["numbers"].items()) or r.get(
-            "error", ""
+        effs = "; ".join(_effect_cell(e) for e in r["effects"]) or r.get("error", "")
+        nums = "; ".join(f"{k} = {_fmt(v, s, n)}" for k, (v, s) in r["numbers"].items())
+        lines.append(
+            f"| {i} | {r['section']} | {r['claim']} | {effs} | {nums} | **{r['status']}** | "
+            f"{r['seeds_passed']}/{n} |"
         )
-        cell = f"| {i} | {r['section']} | {r['claim']} | {nums} | **{r['status']}** |"
-        if n > 1:
-            cell += f" {r['seeds_passed']}/{n} |"
-        lines.append(cell)
-    npass = sum(r["status"] == "PASS" for r in rows)
-    lines += ["", f"{npass} of {len(rows)} claims pass."]
+    cnt = count_outcomes(rows)
+    tail = f"{cnt['PASS']} PASS, {cnt['FAIL']} FAIL, {cnt['INCONCLUSIVE']} INCONCLUSIVE"
+    if cnt["MISSING"]:
+        tail += f", {cnt['MISSING']} MISSING"
+    lines += [
+        "",
+        f"{tail} of {len(rows)} claims. Decision rule (`ldjax.experiments.stats`): PASS when the "
+        "95 % interval of the paired effect excludes 0 on the claimed side, FAIL when it "
+        "excludes 0 on the other side, INCONCLUSIVE otherwise; seeds and prompts are crossed "
+        "random effects (t-interval with Satterthwaite's ν).",
+    ]
     return "\n".join(lines) + "\n"

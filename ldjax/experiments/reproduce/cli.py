@@ -47,7 +47,14 @@ from ldjax.lm.config import PRESETS, load_config
 from ldjax.lm.decode import generate
 from ldjax.training.config import preset
 
-__all__ = ["main", "default_data_path", "run_seed", "reproduce_lm", "TruncatedTrack"]
+__all__ = [
+    "main",
+    "default_data_path",
+    "run_seed",
+    "reproduce_lm",
+    "redecide",
+    "TruncatedTrack",
+]
 
 RUNS = ("sft", "sft_extend", "sft_long", "dpo", "dpo_extend", "dpo_onpolicy", "dpo_long")
 
@@ -79,6 +86,17 @@ def _curves(track) -> dict:
     """``{set: {type: {metric: (E,) list}}}`` for the claim metrics."""
     return {
         s: {t: {m: track.curve(s, t, m).tolist() for m in C.METRICS} for t in track.all_types}
+        for s in track.sets
+    }
+
+
+def _prompt_curves(track) -> dict:
+    """``{set: {type: {metric: (E, N) array}}}``: per-prompt curves for the claims' decisions."""
+    return {
+        s: {
+            t: {m: track.arrays(s, m)[:, k] for m in C.METRICS}
+            for k, t in enumerate(track.all_types)
+        }
         for s in track.sets
     }
 
@@ -228,7 +246,7 @@ def run_seed(
             pad_id=tr.tokenizer.pad_id,
         )
         texts = [tr.tokenizer.decode(y) for y in ys]
-        degeneration[name] = C.repeated_ngram_share(texts, 2)
+        degeneration[name] = C.repeated_ngram_shares(texts, 2)  # per held-out prompt
         examples[name] = texts[:3]
         timings[name] = time.time() - t
         log(f"  {name} {r.step} steps: {timings[name]:.1f} s")
@@ -240,7 +258,9 @@ def run_seed(
     for name in dpos:
         extra.update(C.history_measurements(name, histories[name]))
     return {
-        "measurements": C.measure(curves, extra),
+        # per-prompt measurements (tuples over the tracked prompts): prompts are the units of
+        # the claims' decisions within a seed
+        "measurements": C.measure({k: _prompt_curves(trackers[k]) for k in RUNS}, extra),
         "curves": curves,
         "timings": timings,
         "trackers": trackers,
@@ -392,7 +412,11 @@ def _write_results(
         "timings_per_seed": timings,
         "steps": results[0]["steps"],
         "claims": rows,
-        "measurements_per_seed": per_seed,
+        "outcomes": C.count_outcomes(rows),
+        "decision_rule": "ldjax.experiments.stats.decide: 95 % t-interval of the paired effect, "
+        "seeds x prompts crossed random effects (Satterthwaite df); PASS/FAIL when it excludes 0 "
+        "on the claimed/other side, else INCONCLUSIVE",
+        "measurements_per_seed": [C.scalar_measurements(m) for m in per_seed],
         "greedy_examples_seed0": results[0]["greedy_examples"],
         "figures": figure_paths,
         "config": cfg.to_dict(),
@@ -410,7 +434,8 @@ def _write_results(
         f"Machine: {machine}; wall time {total:.0f} s\n\n"
         "Probe numbers are mean log π(y|x) (or the named metric) over the tracked training "
         "prompts "
-        f"at the first/last evaluation of the phase; 'Δ' is last − first.\n"
+        f"at the first/last evaluation of the phase; 'Δ' is last − first. Each effect is a "
+        "paired difference per seed and prompt (S×P), its interval over both.\n"
     )
     write_text(stage / "claims.md", C.claims_markdown(rows, header=header))
     return doc
@@ -443,6 +468,12 @@ def _parser():
         "--seeds", type=positive_int, default=1, help="number of seeds 0..N-1 (table: mean ± std)"
     )
     p.add_argument(
+        "--redecide",
+        metavar="CLAIMS_JSON",
+        help="train nothing: decide the claims again, under the current rule, from the per-seed "
+        "measurements of an earlier claims.json, and write claims.md/claims.json to --out",
+    )
+    p.add_argument(
         "--long-sft",
         type=_long_factor,
         default=2.0,
@@ -472,7 +503,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def redecide(doc: dict, out, *, command: str = "") -> dict:
+    """The claims of an earlier ``claims.json`` document decided again from its
+    ``measurements_per_seed`` (per-seed numbers; per-prompt values, when the document has them
+    only in its rows' ``d``, are not recovered — the decision is then over seeds, ``P = 1``).
+    Writes ``out/claims.json`` and ``out/claims.md``; returns the new document."""
+    if not isinstance(doc, dict) or not doc.get("measurements_per_seed"):
+        raise ValueError("the claims JSON has no 'measurements_per_seed'")
+    per_seed = doc["measurements_per_seed"]
+    rows = C.evaluate_claims(per_seed)
+    new = dict(doc)
+    new.update(
+        claims=rows,
+        outcomes=C.count_outcomes(rows),
+        redecided={"command": command, "from_command": doc.get("command", "")},
+        decision_rule="ldjax.experiments.stats.decide: 95 % t-interval of the paired effect over "
+        "seeds (per-seed means; no per-prompt values in the source)",
+    )
+    out = Path(out)
+    with common.staged_output(out) as stage:
+        write_text(stage / "claims.json", json.dumps(new, indent=1, default=float) + "\n")
+        header = (
+            "# Claims table — decided again (`ldjax reproduce lm --redecide`)\n\n"
+            f"Command: `{command}`  \nMeasurements from: `{doc.get('command', '')}`  \n"
+            f"Data: {doc.get('data', '?')}; seeds: {doc.get('seeds', '?')}; "
+            f"machine then: {doc.get('machine', '?')}; wall time then {doc.get('seconds', 0):.0f} s"
+            "\n\nThe source has one number per seed for each measurement (means over the tracked "
+            "prompts), so each effect's interval is the t-interval over seeds (P = 1).\n"
+        )
+        write_text(stage / "claims.md", C.claims_markdown(rows, header=header))
+    return new
+
+
 def _run(args, argv) -> int:
+    command = "ldjax reproduce " + " ".join(shlex.quote(a) for a in argv)
+    if args.redecide:
+        try:
+            common.check_writable(args.out)
+            doc = json.loads(Path(args.redecide).read_text(encoding="utf-8"))
+            redecide(doc, args.out, command=command)
+        except (ValueError, OSError, KeyError) as e:
+            print(f"ldjax reproduce: error: --redecide {args.redecide}: {e}", file=sys.stderr)
+            return 2
+        print((Path(args.out) / "claims.md").read_text(encoding="utf-8"))
+        return 0
     cache = (
         None if args.no_cache else Path(args.cache_dir) if args.cache_dir else common.cache_dir()
     )
@@ -488,7 +562,6 @@ def _run(args, argv) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"ldjax reproduce: error: {e}", file=sys.stderr)
         return 2
-    command = "ldjax reproduce " + " ".join(shlex.quote(a) for a in argv)
     print(f"{command}\ndata: {source}; {len(data.train)} train / {len(data.heldout)} held out")
     try:
         doc = reproduce_lm(
