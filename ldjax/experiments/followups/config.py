@@ -39,7 +39,7 @@ class SFTModelConfig(Config):
     """
 
     model: ModelConfig = ModelConfig(d_model=64, n_heads=2, n_layers=2, d_ff=256)
-    max_len: int = 192
+    max_len: int = 224
     max_prompt_len: int = 96
     n_records: int = 300
     n_arith: int = 300
@@ -57,12 +57,15 @@ class PairsConfig(Config):
       n_pairs: preference pairs (the first synthetic records of seed 0, every topic: the SFT
         model was trained on their chosen responses).
       beta: DPO's β. eta: the SGD step taken on each pair alone (from the SFT model, which is
-        also π_ref, so the DPO gradient is ``−β/2 (∇log π(y⁺) − ∇log π(y⁻))``).
+        also π_ref, so the DPO gradient is ``−β/2 (∇log π(y⁺) − ∇log π(y⁻))``); None: one η for
+        all pairs, chosen so that the median predicted ``|Δlog π(y⁺)| + |Δlog π(y⁻)|`` over the
+        pairs is ``step_nats`` (a small step whose first-order prediction is informative).
     """
 
     n_pairs: int = 96
     beta: float = 0.1
-    eta: float = 0.5
+    eta: float | None = None
+    step_nats: float = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,9 @@ class GRPOConfig(Config):
         incorrect responses); their step-0 responses are re-scored after every update.
       tau, down_weight: NTHR's threshold on the normalised influence and the weight of the
         flagged tokens (:func:`ldjax.losses.grpo_nthr`).
+      anchor: a group with no correct sampled response gets the record's reference (chosen)
+        response in place of its last sample, so every group has a correct response to anchor
+        on (off-policy guidance; without it a weak SFT model gives groups of zero advantage).
       seeds: number of seeds (the sampling keys; the SFT model is the same).
     """
 
@@ -93,6 +99,7 @@ class GRPOConfig(Config):
     n_track: int = 8
     tau: float = 1.0
     down_weight: float = 0.5
+    anchor: bool = True
     seeds: int = 3
 
 
@@ -111,7 +118,7 @@ DEFAULT = FollowupsConfig()
 QUICK = FollowupsConfig(
     sft=SFTModelConfig(
         model=ModelConfig(d_model=32, n_heads=2, n_layers=1, d_ff=128),
-        max_len=160,
+        max_len=224,
         max_prompt_len=96,
         n_records=96,
         n_arith=96,

@@ -57,7 +57,9 @@ def prompts(cfg) -> list[dict]:
 def sample_group(params, lm, recs, cfg, key) -> dict:
     """``group_size`` responses to each record's prompt, sampled from ``params``: the encoded
     arrays ``tokens, targets, mask`` ``(P·G, L)``, ``rewards`` ``(P·G,)``, ``advantages``,
-    ``texts``."""
+    ``texts``, ``anchored`` ``(P,)`` (the groups whose last response is the reference one, with
+    ``cfg.grpo.anchor``; cut to the context left, it may lose its answer and score 0) and
+    ``accuracy`` (the share of correct responses among the sampled ones)."""
     g = cfg.grpo
     tok = ByteTokenizer()
     ps = [encode_prompt(tok, r["prompt"], max_prompt_len=cfg.sft.max_prompt_len) for r in recs]
@@ -78,9 +80,28 @@ def sample_group(params, lm, recs, cfg, key) -> dict:
     rw = np.array(
         [reward(recs[i // g.group_size]["prompt"], t) for i, t in enumerate(texts)], np.float32
     )
+    anchored = np.zeros(len(recs), bool)
+    if g.anchor:
+        for i, r in enumerate(recs):
+            last = (i + 1) * g.group_size - 1
+            if not rw[i * g.group_size : last + 1].any():
+                ref = tok.encode(r["chosen"]) + [tok.eos_id]
+                new[last] = ref[:room]
+                texts[last] = tok.decode([t for t in new[last] if t != tok.eos_id])
+                rw[last] = reward(r["prompt"], texts[last])
+                anchored[i] = True
     enc = T.encode_ids(rep, new, cfg.sft.max_len, tok.pad_id)
     adv = np.asarray(losses.group_advantages(jnp.asarray(rw), g.group_size), np.float32)
-    return {**enc, "rewards": rw, "advantages": adv, "texts": texts}
+    sampled = np.ones(rw.shape, bool)
+    sampled[np.flatnonzero(anchored) * g.group_size + g.group_size - 1] = False
+    return {
+        **enc,
+        "rewards": rw,
+        "advantages": adv,
+        "texts": texts,
+        "anchored": anchored,
+        "accuracy": float(rw[sampled].mean()),
+    }
 
 
 @functools.lru_cache(maxsize=8)
@@ -222,14 +243,15 @@ def run_grpo(params0, lm, cfg, seed: int, *, progress: bool = False, log=print) 
     rw = first["rewards"].reshape(len(recs), gs)
     mixed = [i for i in range(len(recs)) if 0 < rw[i].sum() < gs][: g.n_track]
     log(
-        f"    seed {seed}: step-0 accuracy {first['rewards'].mean():.3f}, "
+        f"    seed {seed}: step-0 accuracy {first['accuracy']:.3f}, "
         f"{sum(0 < rw[i].sum() < gs for i in range(len(recs)))} of {len(recs)} groups mixed"
     )
     track_idx = np.concatenate([np.arange(i * gs, (i + 1) * gs) for i in mixed]) if mixed else []
     tracked = _rows(first, np.asarray(track_idx, int))
     out = {
         "tracked": mixed,
-        "accuracy0": float(first["rewards"].mean()),
+        "accuracy0": first["accuracy"],
+        "anchored0": float(np.mean(first["anchored"])),
         "decomposition": {},
         "curves": {},
         "reward": {},
@@ -284,10 +306,11 @@ def _train(params0, lm, cfg, recs, first, tracked, key, variant, progress):
         if s == 0:  # the first batch is the step-0 sample (same for both variants)
             idx = np.concatenate([np.arange(i * gs, (i + 1) * gs) for i in order])
             b = _rows(first, idx)
+            acc = first["accuracy"]
         else:
             b = sample_group(params, lm, [recs[i] for i in order], cfg, jax.random.fold_in(key, s))
             b = _rows(b, slice(None))
-        rewards.append(float(np.mean(b["rewards"])))
+        rewards.append(acc)
         return {kk: jnp.asarray(v) for kk, v in b.items()}
 
     n_track = g.n_track

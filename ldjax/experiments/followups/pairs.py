@@ -89,12 +89,18 @@ def _logp_after(params, lm, deltas, pos, neg, batch: int = 8) -> np.ndarray:
     return np.concatenate(out)
 
 
-def measure_pairs(params, lm, pos: dict, neg: dict, *, beta: float, eta: float) -> dict:
-    """The per-pair measurements of the module docstring, each ``(N,)`` float64."""
+def measure_pairs(
+    params, lm, pos: dict, neg: dict, *, beta: float, eta: float | None, step_nats: float = 0.5
+) -> dict:
+    """The per-pair measurements of the module docstring, each ``(N,)`` float64, and ``eta``
+    (the step size used: ``eta``, or with None the one that makes the median predicted
+    ``|Δ⁺| + |Δ⁻|`` equal ``step_nats``)."""
     gp = sequence_grads(params, lm, pos)
     gn = sequence_grads(params, lm, neg)
     dot = np.sum(gp * gn, 1)
     sq_p, sq_n = np.sum(gp * gp, 1), np.sum(gn * gn, 1)
+    if eta is None:
+        eta = step_nats / float(np.median(beta / 2.0 * (np.abs(sq_p - dot) + np.abs(dot - sq_n))))
     c = eta * beta / 2.0
     deltas = c * (gp - gn)
     del gp, gn
@@ -117,4 +123,5 @@ def measure_pairs(params, lm, pos: dict, neg: dict, *, beta: float, eta: float) 
         "ln_ches": ches(hp, pos["mask"], hn, neg["mask"], normalize=True),
         "len_pos": np.asarray(pos["mask"]).sum(1).astype(np.float64),
         "len_neg": np.asarray(neg["mask"]).sum(1).astype(np.float64),
+        "eta": float(eta),
     }
