@@ -132,9 +132,9 @@ QUICK = FollowupsConfig(
         prompts_per_step=4,
         group_size=6,
         max_new_tokens=62,
-        steps=6,
+        steps=5,
         n_track=4,
-        seeds=2,
+        seeds=3,
     ),
 )
 PRESETS = {"default": DEFAULT, "quick": QUICK}

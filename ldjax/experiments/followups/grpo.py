@@ -180,7 +180,8 @@ def token_weights(params, lm, batch, cfg) -> np.ndarray:
 
 def decompose_step(params, lm, group: dict, cfg, variant: str) -> dict:
     """The one-step decomposition of the module docstring on ONE group (``group_size`` rows of
-    :func:`sample_group`), at SGD rate ``cfg.grpo.lr``, for ``variant`` ("grpo" or "nthr").
+    :func:`sample_group`) for ``variant`` ("grpo" or "nthr"): the group's share of a training
+    step (SGD at ``cfg.grpo.lr`` on the mean loss over ``prompts_per_step`` groups).
 
     Returns per-group numbers (means over the group's correct responses): ``correct_term``
     ``⟨g_c, Δθ_correct⟩``, ``incorrect_term`` ``⟨g_c, Δθ_incorrect⟩``, ``predicted`` (their
@@ -196,9 +197,9 @@ def decompose_step(params, lm, group: dict, cfg, variant: str) -> dict:
         w = mask
     g_plain = sequence_grads(params, lm, group)  # ∇ log π(y_i), (G, P)
     g_w = sequence_grads(params, lm, dict(group, mask=w)) if variant == "nthr" else g_plain
-    n = a.size
-    eta = cfg.grpo.lr
-    coef = eta * a / length / n  # Δθ = Σ_i coef_i g̃_i
+    # the group's share of a training step: the loss is the mean over prompts_per_step groups
+    n = a.size * cfg.grpo.prompts_per_step
+    coef = cfg.grpo.lr * a / length / n  # Δθ = Σ_i coef_i g̃_i
     d_cor = (coef * correct) @ g_w
     d_inc = (coef * ~correct) @ g_w
     t_cor = g_plain @ d_cor
@@ -309,6 +310,7 @@ def _train(params0, lm, cfg, recs, first, tracked, key, variant, progress):
             acc = first["accuracy"]
         else:
             b = sample_group(params, lm, [recs[i] for i in order], cfg, jax.random.fold_in(key, s))
+            acc = b["accuracy"]
             b = _rows(b, slice(None))
         rewards.append(acc)
         return {kk: jnp.asarray(v) for kk, v in b.items()}
