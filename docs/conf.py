@@ -95,6 +95,7 @@ CLI_HELP = [
     ("squeeze.txt", "ldjax.experiments.squeeze.cli", ["--help"]),
     ("lm.txt", "ldjax.experiments.lm.cli", ["--help"]),
     ("reproduce.txt", "ldjax.experiments.reproduce.cli", ["--help"]),
+    ("reproduce_followups.txt", "ldjax.experiments.followups.cli", ["--help"]),
 ]
 
 

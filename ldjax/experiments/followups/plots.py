@@ -9,10 +9,16 @@ from matplotlib.figure import Figure
 __all__ = ["plot_entanglement", "plot_displacement", "plot_grpo"]
 
 
+def _figure(width: float) -> Figure:
+    fig = Figure(figsize=(width, 4.4), layout="constrained")
+    fig.get_layout_engine().set(rect=(0, 0.04, 1, 0.96))  # room for a footer line
+    return fig
+
+
 def plot_entanglement(m: dict, e: dict, *, title: str = "Gradient entanglement") -> Figure:
     """Left: co-movement κ of one DPO step against cos(g⁺, g⁻), per pair (red: log π(y⁺) fell).
     Right: predicted against actual Δlog π(y⁺) and Δlog π(y⁻)."""
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    fig = _figure(10)
     a, b = fig.subplots(1, 2)
     falls = e["falls"]
     a.scatter(m["cos"][~falls], e["kappa_actual"][~falls], s=14, c="tab:blue", label="y⁺ rises")
@@ -44,7 +50,7 @@ def plot_entanglement(m: dict, e: dict, *, title: str = "Gradient entanglement")
 def plot_displacement(m: dict, d: dict, *, title: str = "Likelihood displacement") -> Figure:
     """Actual Δlog π(y⁺) of one DPO step per pair against −CHES (left) and against ldjax's
     prediction (right), with each one's Spearman correlation."""
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    fig = _figure(10)
     a, b = fig.subplots(1, 2)
     act = m["act_pos"]
     for ax, x, lab, rho in (
@@ -65,7 +71,7 @@ def plot_grpo(per_seed: list, *, title: str = "GRPO on arithmetic") -> Figure:
     GRPO and NTHR (mean over seeds and tracked prompts). Middle: the one-step decomposition of
     the correct responses' Δlog π into correct- and incorrect-response terms. Right: the
     accuracy of the sampled responses per step."""
-    fig = Figure(figsize=(14, 4.2), layout="constrained")
+    fig = _figure(14)
     a, b, c = fig.subplots(1, 3)
     styles = {"grpo": "-", "nthr": "--"}
     for v, ls in styles.items():
