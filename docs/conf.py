@@ -145,7 +145,10 @@ write_cli_help()
 def _drop_builtin_type_docstring(app, what, name, obj, options, lines):
     """``autodata`` of a constant without a doc comment shows its type's docstring (a tuple's:
     "Built-in immutable sequence. ..."); drop it, the page describes the constant instead."""
-    type_doc = (type(obj).__doc__ or "").strip()
+    type_doc = type(obj).__doc__
+    if not isinstance(type_doc, str):  # a type whose __doc__ is a slot (a member_descriptor)
+        return
+    type_doc = type_doc.strip()
     if (
         what == "data"
         and lines
