@@ -105,12 +105,16 @@ class GRPOConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class FollowupsConfig(Config):
+    """Everything ``ldjax reproduce followups`` runs: the SFT model, the pair analyses, the GRPO
+    run, and ``seed`` (the SFT model's initialisation and batch order)."""
+
     sft: SFTModelConfig = SFTModelConfig()
     pairs: PairsConfig = PairsConfig()
     grpo: GRPOConfig = GRPOConfig()
     seed: int = 0
 
     def lm_config(self):
+        """The :class:`ldjax.lm.model.LMConfig` of the SFT model."""
         return self.sft.model.lm_config(self.sft.max_len)
 
 
