@@ -37,7 +37,8 @@ def test_parse_problem_computes_the_answer(prompt, answer):
 def test_string_check():
     assert stated_answers(" That gives 57 - 22 = 35. The answer is 35 apples.") == [35, 35]
     assert is_correct(" So there are 17 apples.", 17)
-    assert not is_correct(" 12 + 5 = 17. The answer is 18.", 17)  # one wrong result
+    assert not is_correct(" 12 + 5 = 17. The answer is 18.", 17)  # the final result is wrong
+    assert is_correct(" 12 + 5 = 16. The answer is 17.", 17)  # the final answer counts
     assert not is_correct(" It is hard to say how many apples there are.", 17)  # no result
     assert not is_correct("", 17)
     with pytest.raises(ValueError, match="no arithmetic question"):

@@ -6,8 +6,8 @@ string matching.
 two numbers. :func:`parse_problem` reads the numbers and the operation back from the prompt and
 computes the answer; :func:`stated_answers` finds the results a response states (``"= N"``,
 ``"the answer is N"``, ``"there are N"``); a response is correct
-(:func:`is_correct`, :func:`reward`) when it states at least one result and every stated result is
-the answer. The dataset's chosen responses are correct, its "wrong" rejected ones incorrect and
+(:func:`is_correct`, :func:`reward`) when its final stated result is the answer (the usual
+final-answer check of math rewards; a wrong intermediate ``= N`` does not matter). The dataset's chosen responses are correct, its "wrong" rejected ones incorrect and
 its "evasive" ones (no number) incorrect.
 
 >>> from ldjax.data.arithmetic import arithmetic_records, reward
@@ -60,9 +60,9 @@ def stated_answers(response: str) -> list[int]:
 
 
 def is_correct(response: str, answer: int) -> bool:
-    """At least one stated result (:func:`stated_answers`), and all equal ``answer``."""
+    """The final stated result (:func:`stated_answers`) exists and equals ``answer``."""
     got = stated_answers(response)
-    return bool(got) and all(g == answer for g in got)
+    return bool(got) and got[-1] == answer
 
 
 def reward(prompt: str, response: str) -> float:

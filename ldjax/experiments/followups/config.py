@@ -91,7 +91,7 @@ class GRPOConfig(Config):
     n_prompts: int = 64
     prompts_per_step: int = 8
     group_size: int = 8
-    max_new_tokens: int = 94
+    max_new_tokens: int = 127
     temperature: float = 1.0
     steps: int = 30
     lr: float = 0.05
