@@ -121,7 +121,7 @@ def test_grpo_decompose_step_matches_ldjax_decompose():
         mask=jnp.asarray(grp["mask"]),
         advantages=jnp.asarray(grp["advantages"]),
     )
-    share = cfg.grpo.lr / (3 * cfg.grpo.prompts_per_step)
+    share = cfg.grpo.lr * cfg.grpo.decompose_scale / (3 * cfg.grpo.prompts_per_step)
     tok = jnp.asarray(grp["tokens"])
     dec = ldjax.decompose(apply_fn, params, tok, tok, losses.grpo, eta=share, loss_kwargs=kw)
     pred = _seq(dec.delta_logp_linear, grp)

@@ -82,6 +82,9 @@ class GRPOConfig(Config):
         incorrect responses); their step-0 responses are re-scored after every update.
       tau, down_weight: NTHR's threshold on the normalised influence and the weight of the
         flagged tokens (:func:`ldjax.losses.grpo_nthr`).
+      decompose_scale: the one-step decomposition is of a step this many times the training
+        step (a smaller step, where the first-order prediction is close to the actual one; the
+        terms scale with it).
       anchor: a group with no correct sampled response gets the record's reference (chosen)
         response in place of its last sample, so every group has a correct response to anchor
         on (off-policy guidance; without it a weak SFT model gives groups of zero advantage).
@@ -99,6 +102,7 @@ class GRPOConfig(Config):
     n_track: int = 8
     tau: float = 1.0
     down_weight: float = 0.5
+    decompose_scale: float = 0.1
     anchor: bool = True
     seeds: int = 3
 

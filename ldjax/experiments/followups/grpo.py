@@ -181,7 +181,8 @@ def token_weights(params, lm, batch, cfg) -> np.ndarray:
 def decompose_step(params, lm, group: dict, cfg, variant: str) -> dict:
     """The one-step decomposition of the module docstring on ONE group (``group_size`` rows of
     :func:`sample_group`) for ``variant`` ("grpo" or "nthr"): the group's share of a training
-    step (SGD at ``cfg.grpo.lr`` on the mean loss over ``prompts_per_step`` groups).
+    step (SGD at ``cfg.grpo.lr`` on the mean loss over ``prompts_per_step`` groups) times
+    ``cfg.grpo.decompose_scale``.
 
     Returns per-group numbers (means over the group's correct responses): ``correct_term``
     ``⟨g_c, Δθ_correct⟩``, ``incorrect_term`` ``⟨g_c, Δθ_incorrect⟩``, ``predicted`` (their
@@ -199,7 +200,7 @@ def decompose_step(params, lm, group: dict, cfg, variant: str) -> dict:
     g_w = sequence_grads(params, lm, dict(group, mask=w)) if variant == "nthr" else g_plain
     # the group's share of a training step: the loss is the mean over prompts_per_step groups
     n = a.size * cfg.grpo.prompts_per_step
-    coef = cfg.grpo.lr * a / length / n  # Δθ = Σ_i coef_i g̃_i
+    coef = cfg.grpo.lr * cfg.grpo.decompose_scale * a / length / n  # Δθ = Σ_i coef_i g̃_i
     d_cor = (coef * correct) @ g_w
     d_inc = (coef * ~correct) @ g_w
     t_cor = g_plain @ d_cor
