@@ -7,8 +7,9 @@ two numbers. :func:`parse_problem` reads the numbers and the operation back from
 computes the answer; :func:`stated_answers` finds the results a response states (``"= N"``,
 ``"the answer is N"``, ``"there are N"``); a response is correct
 (:func:`is_correct`, :func:`reward`) when its final stated result is the answer (the usual
-final-answer check of math rewards; a wrong intermediate ``= N`` does not matter). The dataset's chosen responses are correct, its "wrong" rejected ones incorrect and
-its "evasive" ones (no number) incorrect.
+final-answer check of math rewards; a wrong intermediate ``= N`` does not matter). The data
+set's chosen responses are correct, its "wrong" rejected ones incorrect and its "evasive" ones
+(no number) incorrect.
 
 >>> from ldjax.data.arithmetic import arithmetic_records, reward
 >>> rec = arithmetic_records(1)[0]
