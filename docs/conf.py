@@ -98,6 +98,7 @@ CLI_HELP = [
     ("analyze.txt", "ldjax.experiments.analyze.cli", ["--help"]),
     ("analyze_mnist.txt", "ldjax.experiments.analyze.cli", ["mnist", "--help"]),
     ("analyze_lm.txt", "ldjax.experiments.analyze.cli", ["lm", "--help"]),
+    ("reproduce_followups.txt", "ldjax.experiments.followups.cli", ["--help"]),
 ]
 
 

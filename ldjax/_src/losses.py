@@ -278,3 +278,238 @@ def sppo(
 
 PAIRWISE = {"dpo": dpo, "ipo": ipo, "slic": slic, "sppo": sppo}
 """The DPO family: losses of a (y⁺, y⁻) pair, two logits arguments each."""
+
+
+# ----------------------------------------------------------------------------- GRPO family
+
+
+def group_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-6) -> jax.Array:
+    """Group-relative advantages of GRPO (Shao et al. 2024, arXiv 2402.03300, §4.1.2).
+
+    ``rewards`` ``(N,)`` hold ``N/G`` consecutive groups of ``G = group_size`` sampled responses
+    to one prompt each; ``A_i = (r_i − mean_g r) / (std_g r + eps)`` within its group (std with
+    ddof 0). A group whose rewards are all equal gets ``A = 0`` (it teaches nothing).
+
+    Raises:
+      ValueError: ``rewards`` not 1-D real and finite, or ``N`` not a multiple of
+        ``group_size``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from ldjax import losses
+      >>> [round(a, 3) for a in losses.group_advantages(jnp.array([1., 0, 0, 0]), 4).tolist()]
+      [1.732, -0.577, -0.577, -0.577]
+    """
+    r = jnp.asarray(rewards)
+    if r.ndim != 1:
+        raise ValueError(f"rewards must be 1-D (N,), got shape {r.shape}")
+    validate.check_real_array(r, r.shape, "rewards", "one reward per sampled response")
+    if not isinstance(group_size, int) or group_size < 1 or r.shape[0] % group_size:
+        raise ValueError(
+            f"group_size must be an int >= 1 dividing N = {r.shape[0]}, got {group_size!r}"
+        )
+    g = r.astype(jnp.result_type(r.dtype, jnp.float32)).reshape(-1, group_size)
+    a = (g - g.mean(axis=1, keepdims=True)) / (g.std(axis=1, keepdims=True) + eps)
+    return a.reshape(-1)
+
+
+def _grpo(logits, targets, mask, advantages, old_logp, clip_eps, weights, length_normalize):
+    lp = _token_logprobs(logits, targets)  # (N, T)
+    m = jnp.ones_like(lp) if mask is None else jnp.asarray(mask).astype(lp.dtype)
+    old = jax.lax.stop_gradient(lp) if old_logp is None else jnp.asarray(old_logp, lp.dtype)
+    ratio = jnp.exp(lp - old)
+    a = jnp.asarray(advantages, lp.dtype)[:, None]
+    surr = jnp.minimum(ratio * a, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * a)
+    w = m if weights is None else m * jax.lax.stop_gradient(weights)
+    per = jnp.sum(w * surr, axis=-1)
+    if length_normalize:
+        per = per / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+    return -per
+
+
+@validate.register_loss("grpo")
+def grpo(
+    logits: jax.Array,
+    *,
+    targets: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array | None = None,
+    old_logp: jax.Array | None = None,
+    clip_eps: float = 0.2,
+    length_normalize: bool = True,
+) -> jax.Array:
+    """GRPO's clipped policy-gradient loss of sampled responses, per response ``(N,)``.
+
+    .. math::
+      L_n = -\\frac{1}{|y_n|} \\sum_t m_{n,t}\\, \\min\\big(\\rho_{n,t} A_n,\\
+            \\mathrm{clip}(\\rho_{n,t}, 1-\\epsilon, 1+\\epsilon) A_n\\big),
+      \\qquad \\rho_{n,t} = \\exp(\\log\\pi(y_{n,t}) - \\log\\pi_{old}(y_{n,t}))
+
+    (Shao et al. 2024, arXiv 2402.03300, eq. 3, without the KL term). ``old_logp=None`` is the
+    on-policy step (π_old = π, so ρ = 1 with the gradient of ``log π``); given ``(N, T)``
+    per-token old log-probs, the ratio is clipped at ``1 ± clip_eps`` as in PPO.
+    ``length_normalize=False`` sums over tokens instead of averaging (Dr. GRPO).
+
+    G (on-policy, or ratio inside the clip range):
+    ``G_{n,t} = (A_n ρ_{n,t} m_{n,t} / |y_n|)(π_{n,t} − e_{y_{n,t}})``; a token whose ratio is
+    clipped (``A > 0, ρ > 1+ε`` or ``A < 0, ρ < 1−ε``) has ``G = 0``.
+
+    Args:
+      logits: ``(N, T, V)``: N sampled responses (groups of G consecutive rows, one prompt
+        each, as :func:`group_advantages` expects).
+      targets: ``(N, T)`` int, shifted; mask: ``(N, T)`` True on response positions.
+      advantages: ``(N,)`` one per response (:func:`group_advantages` of the rewards).
+      old_logp: ``(N, T)`` log π_old of each target token, or None (on-policy).
+      clip_eps: ε of the ratio clip (> 0).
+    Raises:
+      ValueError: as :func:`sft`; advantages not ``(N,)``, old_logp not ``(N, T)``, either
+        non-finite; clip_eps not > 0; logits not ``(N, T, V)``.
+
+    Examples:
+      On-policy, a response with advantage 1 has loss ``−1`` (ρ = 1), one with ``−1`` has ``+1``:
+
+      >>> import jax.numpy as jnp
+      >>> from ldjax import losses
+      >>> z, y = jnp.zeros((2, 3, 4)), jnp.zeros((2, 3), int)
+      >>> losses.grpo(z, targets=y, advantages=jnp.array([1., -1.])).tolist()
+      [-1.0, 1.0]
+    """
+    validate.loss_inputs(
+        "grpo",
+        (logits,),
+        dict(
+            targets=targets, mask=mask, advantages=advantages, old_logp=old_logp, clip_eps=clip_eps
+        ),
+    )
+    return _grpo(logits, targets, mask, advantages, old_logp, clip_eps, None, length_normalize)
+
+
+def nthr_weights(
+    influence: jax.Array, advantages: jax.Array, tau: float = 1.0, down_weight: float = 0.5
+) -> jax.Array:
+    """NTHR-style token weights ``(N, T)``: ``down_weight`` on the tokens of responses with a
+    negative advantage whose ``influence`` exceeds ``tau``, 1 elsewhere (see :func:`grpo_nthr`)."""
+    a = jnp.asarray(advantages)[:, None]
+    s = jnp.asarray(influence)
+    hit = (a < 0) & (s > tau)
+    return jnp.where(hit, jnp.asarray(down_weight, s.dtype), jnp.ones((), s.dtype))
+
+
+def nthr_influence(
+    hidden: jax.Array,
+    logits: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+    correct: jax.Array,
+) -> jax.Array:
+    """Each token's head-level influence on the correct responses of its group, ``(N, T)``.
+
+    With ``h`` the last hidden state (the input of the linear head ``z = W h + b``) and
+    ``r = e_y − π`` the gradient of ``log π(y_t)`` on the logits, ``∇_{W,b} log π(y_t) =
+    (r hᵀ, r)``. The influence of token ``(n, t)`` on the anchors (the rows with ``correct``) is
+    the head eNTK summed over the anchors' response tokens, normalised:
+
+    .. math::
+      s_{n,t} = \\frac{1}{\\bar s_C} \\sum_{m \\in C} \\frac{1}{|y_m|} \\sum_{t'} m_{m,t'}\\,
+                (\\langle h_{n,t}, h_{m,t'} \\rangle + 1)\\langle r_{n,t}, r_{m,t'} \\rangle
+
+    where ``s̄_C`` is the same sum averaged over the anchors' own tokens (so ``s = 1`` is "as
+    aligned with the correct responses as an average correct token"). A GRPO step on a negative
+    response (``A_n < 0``) changes the anchors' mean per-token-normalised log-probability by
+    ``η A_n s_{n,t} s̄_C / |y_n|`` through the head at first order: ``s > 0`` tokens pull
+    the correct responses down. This is the quantity NTHR (Deng et al. 2025, arXiv 2505.18830)
+    thresholds, computed here from the head's gradient (the same eNTK ldjax decomposes, restricted
+    to W and b). Gradients do not flow through it.
+
+    Args:
+      hidden: ``(N, T, D)`` last hidden states; logits: ``(N, T, V)``; targets, mask:
+        ``(N, T)`` as for :func:`grpo`; correct: ``(N,)`` bool, the anchors (one group: the
+        correct responses to the same prompt).
+    Returns:
+      ``(N, T)`` float, 0 at masked positions; all 0 when no row is correct.
+    """
+    h = jax.lax.stop_gradient(jnp.asarray(hidden))
+    z = jax.lax.stop_gradient(jnp.asarray(logits))
+    if h.ndim != 3 or h.shape[:2] != z.shape[:2]:
+        raise ValueError(
+            f"hidden has shape {h.shape}; expected (N, T, D) with (N, T) = {z.shape[:2]}"
+        )
+    validate.loss_inputs(
+        "grpo", (z,), dict(targets=targets, mask=mask, advantages=jnp.zeros(z.shape[0]))
+    )
+    c = jnp.asarray(correct)
+    if c.shape != (z.shape[0],):
+        raise ValueError(f"correct has shape {c.shape}; expected ({z.shape[0]},)")
+    m = jnp.asarray(mask).astype(z.dtype)
+    r = jax.nn.one_hot(targets, z.shape[-1], dtype=z.dtype) - jax.nn.softmax(z, axis=-1)
+    wa = m * c.astype(z.dtype)[:, None] / jnp.maximum(m.sum(-1, keepdims=True), 1.0)  # (N, T)
+    anchor_w = jnp.einsum("nt,ntd,ntv->dv", wa, h, r)  # Σ w h ⊗ r
+    anchor_b = jnp.einsum("nt,ntv->v", wa, r)
+    s = jnp.einsum("ntd,dv,ntv->nt", h, anchor_w, r) + jnp.einsum("ntv,v->nt", r, anchor_b)
+    n_anchor_tok = jnp.sum(m * c.astype(z.dtype)[:, None])
+    ref = jnp.sum(s * m * c.astype(z.dtype)[:, None]) / jnp.maximum(n_anchor_tok, 1.0)
+    s = jnp.where(ref > 0, s / jnp.where(ref > 0, ref, 1.0), 0.0)
+    return s * m
+
+
+@validate.register_loss("grpo_nthr")
+def grpo_nthr(
+    logits: jax.Array,
+    *,
+    targets: jax.Array,
+    advantages: jax.Array,
+    influence: jax.Array,
+    mask: jax.Array | None = None,
+    old_logp: jax.Array | None = None,
+    clip_eps: float = 0.2,
+    tau: float = 1.0,
+    down_weight: float = 0.5,
+    length_normalize: bool = True,
+) -> jax.Array:
+    """GRPO with NTHR-style token reweighting, per response ``(N,)``.
+
+    :func:`grpo` with each token's term multiplied by ``w_{n,t}`` (:func:`nthr_weights`):
+    ``w = down_weight`` where ``A_n < 0`` and ``influence_{n,t} > tau``, else 1. ``influence``
+    is :func:`nthr_influence` (the token's head-eNTK alignment with the correct responses of its
+    group, 1 = an average correct token's). The tokens of incorrect responses whose penalty would
+    pull the correct responses down most are penalised less; correct responses and the other
+    tokens are untouched. Deng et al. (2025, arXiv 2505.18830) propose this (NTHR) against lazy
+    likelihood displacement; ldjax's variant is defined by the formula above (a fixed threshold
+    on the normalised head-level influence and one down-weight), not a copy of their code.
+
+    G: as :func:`grpo` with ``m_{n,t}`` replaced by ``w_{n,t} m_{n,t}`` (the weights are
+    constants: no gradient flows through ``influence``).
+
+    Raises:
+      ValueError: as :func:`grpo`; influence not ``(N, T)`` or non-finite; tau not finite;
+        down_weight outside ``[0, 1]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from ldjax import losses
+      >>> z, y = jnp.zeros((2, 3, 4)), jnp.zeros((2, 3), int)
+      >>> s = jnp.array([[0., 0, 0], [2., 2, 0]])     # two tokens of the negative flagged
+      >>> [round(v, 4) for v in losses.grpo_nthr(z, targets=y, advantages=jnp.array([1., -1.]),
+      ...     influence=s, tau=1.0, down_weight=0.25).tolist()]
+      [-1.0, 0.5]
+    """
+    validate.loss_inputs(
+        "grpo_nthr",
+        (logits,),
+        dict(
+            targets=targets,
+            mask=mask,
+            advantages=advantages,
+            old_logp=old_logp,
+            clip_eps=clip_eps,
+            influence=influence,
+            tau=tau,
+            down_weight=down_weight,
+        ),
+    )
+    w = nthr_weights(influence, advantages, tau, down_weight)
+    return _grpo(logits, targets, mask, advantages, old_logp, clip_eps, w, length_normalize)
+
+
+GROUP = {"grpo": grpo, "grpo_nthr": grpo_nthr}
+"""The GRPO family: losses of a group of sampled responses, one logits argument."""

@@ -590,6 +590,7 @@ def check_ref_logp(ref: Any, n: int, name: str) -> None:
 
 SINGLE_LOSSES = ("sft", "sequence_logprob", "token_logprobs")
 PAIR_LOSSES = ("dpo", "ipo", "slic", "sppo")
+GROUP_LOSSES = ("grpo", "grpo_nthr")
 _LOSS_FNS: dict = {}  # loss function -> its name, filled by ldjax._src.losses
 
 
@@ -609,7 +610,7 @@ def loss_inputs(loss: str, logits: tuple, kwargs: dict, names: tuple | None = No
 
     Args:
       loss: ``"sft"``, ``"sequence_logprob"``, ``"token_logprobs"``, ``"dpo"``, ``"ipo"``,
-        ``"slic"`` or ``"sppo"``.
+        ``"slic"``, ``"sppo"``, ``"grpo"`` or ``"grpo_nthr"``.
       logits: the logits arguments (arrays, tracers or ``jax.ShapeDtypeStruct``).
       kwargs: every other argument by name (targets, masks, reference log-probs, β, ...).
       names: how to call the logits arguments in errors (default their parameter names).
@@ -649,6 +650,51 @@ def loss_inputs(loss: str, logits: tuple, kwargs: dict, names: tuple | None = No
     if loss == "slic":
         check_scalar(kwargs.get("delta", 1.0), "delta", loss)
         check_scalar(kwargs.get("lam", 0.0), "lam", loss, low=0.0, strict=False)
+    if loss in GROUP_LOSSES:
+        _group_loss_inputs(loss, shapes[0], names[0], kwargs)
+
+
+def check_real_array(x: Any, shape: tuple, name: str, what: str) -> None:
+    """A real (integer or floating) array of exactly ``shape``, finite when concrete; ``what``
+    says what one entry is (in the error)."""
+    if x is None:
+        raise ValueError(f"{name} is required: {what}, shape {tuple(shape)}")
+    got = _shape(x)
+    if got != tuple(shape):
+        raise ValueError(f"{name} has shape {got}; expected {tuple(shape)} ({what})")
+    dtype = _dtype(x)
+    if _kind(dtype) not in ("inexact", "integer") or np.issubdtype(dtype, np.complexfloating):
+        raise ValueError(f"{name} must be real numbers, got dtype {dtype}")
+    check_finite(x, name)
+
+
+def _group_loss_inputs(loss: str, shape: tuple, logits_name: str, kwargs: dict) -> None:
+    """GRPO family: per-sequence advantages, optional old per-token log-probs, the clip range
+    and (NTHR) the per-token influence and its threshold and weight."""
+    if len(shape) != 3:
+        raise ValueError(
+            f"loss {loss} takes sequence logits (N, T, V) (a group of sampled responses); "
+            f"{logits_name} has shape {tuple(shape)}"
+        )
+    n, t = shape[0], shape[1]
+    check_real_array(
+        kwargs.get("advantages"), (n,), "advantages", "one advantage per sampled response"
+    )
+    if kwargs.get("old_logp") is not None:
+        check_real_array(kwargs["old_logp"], (n, t), "old_logp", "log π_old of each target token")
+    check_scalar(kwargs.get("clip_eps", 0.2), "clip_eps", loss, low=0.0)
+    if loss == "grpo_nthr":
+        check_real_array(
+            kwargs.get("influence"),
+            (n, t),
+            "influence",
+            "each token's influence on the correct responses (nthr_influence)",
+        )
+        check_scalar(kwargs.get("tau", 1.0), "tau", loss)
+        w = kwargs.get("down_weight", 0.5)
+        check_scalar(w, "down_weight", loss, low=0.0, strict=False)
+        if not is_traced(w) and enabled() and float(np.asarray(w)) > 1:
+            raise ValueError(f"down_weight of {loss} must be in [0, 1], got {w!r}")
 
 
 @functools.lru_cache(maxsize=64)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import platform
@@ -491,7 +492,10 @@ def _long_factor(text: str) -> float:
 def _parser():
     p = argparse.ArgumentParser(prog="ldjax reproduce", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "what", choices=["lm"], help="which reproduction (lm: the paper's LLM claims, §4)"
+        "what",
+        choices=["lm", "followups"],
+        help="which reproduction (lm: the paper's LLM claims, §4; followups: gradient "
+        "entanglement, likelihood displacement and GRPO, see `ldjax reproduce followups --help`)",
     )
     common.add_common_arguments(
         p,
@@ -543,6 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (Ctrl-C: ``--out`` keeps its previous results; a rerun resumes an interrupted pretraining from
     its checkpoints, or takes it from the cache, and runs the finetuning phases again)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "followups":  # its own options: ldjax.experiments.followups.cli
+        return importlib.import_module("ldjax.experiments.followups.cli").main(argv[1:])
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # a usage error (2) or --help (0)
