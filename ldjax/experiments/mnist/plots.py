@@ -205,9 +205,9 @@ def plot_per_step(rec: dict, max_points: int = 4000, seed: int = 0):
             )
             shown.append(p_opt[sel])
             title = (
-                f"{name}\nmedian rel. error: plain-SGD {np.median(cmp['linear']):.2g} "
-                f"(sign {np.median(cmp['sign_agreement']):.2f}), optimizer-aware "
-                f"{np.median(co['linear']):.2g} (sign {np.median(co['sign_agreement']):.2f})"
+                f"{name}, median rel. error:\nplain-SGD {np.median(cmp['linear']):.2g} "
+                f"(sign agreement {np.median(cmp['sign_agreement']):.2f}), optimizer-aware "
+                f"{np.median(co['linear']):.2g} ({np.median(co['sign_agreement']):.2f})"
             )
         lim = np.abs(np.concatenate(shown)).max() * 1.05
         ax.plot([-lim, lim], [-lim, lim], "k-", lw=0.6, label="y = x")
@@ -310,6 +310,11 @@ def plot_accumulated(
         ax.legend(fontsize=7, loc="best")
     ax = axes[2]
     t = np.arange(acc["cum_actual"].shape[0]) + 1
+    cum_key, cum_name = (
+        ("cum_pred_optimizer", "optimizer-aware")
+        if "cum_pred_optimizer" in acc
+        else ("cum_pred_momentum", "momentum-weighted")
+    )
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"]
     for (u, o), col in zip(pairs, colors):
         sel = probe_y == o
@@ -324,10 +329,10 @@ def plot_accumulated(
         )
         ax.plot(
             t,
-            acc["cum_pred_momentum"][:, sel, u].mean(1),
+            acc[cum_key][:, sel, u].mean(1),
             "--",
             color=col,
-            label="  predicted (momentum-weighted)",
+            label=f"  predicted ({cum_name})",
         )
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("update step t")
