@@ -9,6 +9,7 @@ the probe/pair arrays of the paper's HH layout (``pip install ldjax[llm]``).
 
 from ldjax.llm.penzai_adapter import (
     PYTHIA_SHAPES,
+    abstract_gpt_neox,
     build_gpt_neox,
     from_penzai,
     gpt_neox_config,
@@ -19,6 +20,7 @@ from ldjax.llm.text import HFTokenizer, hh_messages, load_tokenizer, pair_arrays
 __all__ = [
     "HFTokenizer",
     "PYTHIA_SHAPES",
+    "abstract_gpt_neox",
     "build_gpt_neox",
     "from_penzai",
     "gpt_neox_config",

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "PYTHIA_SHAPES",
+    "abstract_gpt_neox",
     "build_gpt_neox",
     "from_penzai",
     "gpt_neox_config",
@@ -114,26 +115,30 @@ def gpt_neox_config(
     return gpt_neox.GPTNeoXTransformerConfig(**fields)
 
 
-def build_gpt_neox(config=None, seed: int = 0):
+def build_gpt_neox(config=None, seed: int | jax.Array = 0):
     """A randomly initialised penzai GPT-NeoX model (no weights downloaded).
 
     Args:
       config: a ``GPTNeoXTransformerConfig`` (default ``gpt_neox_config("tiny")``).
-      seed: the init RNG seed.
+      seed: the init RNG seed (or a JAX key).
     """
     _require_penzai()
     from penzai.models.transformer.variants import gpt_neox  # noqa: PLC0415
 
     config = gpt_neox_config("tiny") if config is None else config
-    return gpt_neox.build_gpt_neox_transformer(config, init_base_rng=jax.random.key(seed))
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    return gpt_neox.build_gpt_neox_transformer(config, init_base_rng=key)
 
 
-def from_penzai(model) -> tuple[Callable, dict]:
+def from_penzai(model, *, dtype: Any = None) -> tuple[Callable, dict]:
     """A penzai language model as ``(apply_fn, params)``.
 
     Args:
       model: a penzai ``TransformerLM`` (or any penzai layer mapping a named ``tokens`` array
         with axes ``batch``, ``seq`` to logits with axes ``batch``, ``seq``, ``vocabulary``).
+      dtype: cast every floating parameter to it (penzai's GPT-NeoX builder keeps the MLP and
+        the LM head in float32 whatever ``parameter_dtype`` says; Pythia's checkpoints are
+        float16): ``jnp.float64`` for exactness checks, ``jnp.float32`` for the decomposition.
     Returns:
       ``apply_fn(params, tokens) -> (N, T, V)`` logits for ``tokens`` ``(N, T)`` int, and
       ``params``: ``{label: array}``, every ``pz.Parameter`` of the model as a positional array
@@ -155,19 +160,53 @@ def from_penzai(model) -> tuple[Callable, dict]:
         raise ValueError("model: no pz.Parameter to differentiate (already unbound or frozen?)")
     axes = {v.label: tuple(v.value.named_shape) for v in values}
     params = {v.label: v.value.unwrap(*axes[v.label]) for v in values}
+    if dtype is not None:
+        params = {
+            k: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+            for k, a in params.items()
+        }
+    return _apply_fn(unbound, axes), params
+
+
+def _apply_fn(unbound, axes: dict) -> Callable:
+    """``apply_fn(params, tokens)`` of a penzai model with its parameters unbound (slots), the
+    named axes of each parameter in ``axes`` (label -> names, the order of its positional
+    array)."""
+    from penzai import pz  # noqa: PLC0415
 
     def apply_fn(params, tokens):
-        bound = pz.bind_variables(
-            unbound,
-            [
-                dataclasses.replace(v, value=pz.nx.wrap(params[v.label]).tag(*axes[v.label]))
-                for v in values
-            ],
-        )
+        values = [
+            pz.ParameterValue(label=k, value=pz.nx.wrap(params[k]).tag(*names))
+            for k, names in axes.items()
+        ]
+        bound = pz.bind_variables(unbound, values)
         out = bound(pz.nx.wrap(jnp.asarray(tokens)).tag("batch", "seq"))
         return out.unwrap("batch", "seq", "vocabulary")
 
-    return apply_fn, params
+    return apply_fn
+
+
+def abstract_gpt_neox(config) -> tuple[Callable, dict]:
+    """``(apply_fn, param_shapes)`` of a GPT-NeoX model without allocating its parameters:
+    ``param_shapes`` is ``{label: jax.ShapeDtypeStruct}``, for ``jax.jit(...).lower(...)`` and
+    XLA's compiled memory and cost analysis of a model that need not fit in memory
+    (``benchmarks/bench_llm_memory.py``). ``apply_fn`` is :func:`from_penzai`'s for the same
+    model, so the real params of :func:`build_gpt_neox` run through it.
+    """
+    _require_penzai()
+    from penzai import pz  # noqa: PLC0415
+    from penzai.models.transformer.variants import gpt_neox  # noqa: PLC0415
+
+    unbound = gpt_neox.build_gpt_neox_transformer(config, init_base_rng=None)  # slots only
+    axes = {}
+
+    def init(key):
+        _, values = pz.unbind_params(build_gpt_neox(config, key), freeze=True)
+        axes.update({v.label: tuple(v.value.named_shape) for v in values})
+        return {v.label: v.value.unwrap(*axes[v.label]) for v in values}
+
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    return _apply_fn(unbound, axes), shapes
 
 
 def load_pretrained(name: str, *, dtype: Any = None, use_layer_stack: bool = False):
