@@ -25,7 +25,6 @@ needs ``transformers`` and ``torch``, and downloads).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
