@@ -224,3 +224,20 @@ def test_plain_scan_and_remat_model_works_exactly():
             a = ldjax.actual_step(f, p, xo, xu, losses.sft, eta=eta, loss_kwargs=kw)
             errs.append(float(np.linalg.norm(np.asarray(a.delta_logits - d.delta_logits))))
         assert np.log(errs[1] / errs[0]) / np.log(10) == pytest.approx(2.0, abs=0.1)
+
+
+def test_dynamic_while_loop_fails_naming_the_construct():
+    """A layer loop with a data-dependent trip count (lax.while_loop) has no reverse-mode
+    derivative: the engine's error is JAX's, naming while_loop (write the loop as a scan)."""
+
+    def apply_fn(p, x):
+        n = jnp.asarray(x.shape[1]) // x.shape[1] * 2  # a traced bound: a while_loop
+        h = jax.lax.fori_loop(0, n, lambda i, h: jnp.tanh(h @ p["w"]), x)
+        return h @ p["head"]
+
+    p = {"w": jnp.eye(3) * 0.5, "head": jnp.ones((3, 4))}
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="while_loop"):
+        ldjax.decompose(
+            apply_fn, p, x, x, losses.sft, eta=0.1, loss_kwargs=dict(targets=jnp.array([0, 1]))
+        )
