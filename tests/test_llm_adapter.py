@@ -241,3 +241,19 @@ def test_dynamic_while_loop_fails_naming_the_construct():
         ldjax.decompose(
             apply_fn, p, x, x, losses.sft, eta=0.1, loss_kwargs=dict(targets=jnp.array([0, 1]))
         )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ldjax.llm.text",
+        pytest.param("ldjax.llm.penzai_adapter", marks=pytest.mark.slow),
+        pytest.param("ldjax.llm", marks=pytest.mark.slow),
+    ],
+)
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -4,7 +4,7 @@ the probe/pair arrays of the paper's HH layout (``pip install ldjax[llm]``).
 >>> import ldjax.llm as llm
 >>> apply_fn, params = llm.from_penzai(llm.build_gpt_neox())   # tiny random GPT-NeoX, offline
 >>> sorted(params)[0]
-'transformer/block_0/attention/key/Linear.weights'
+'transformer/block_0/attention/key/AddBias.bias'
 """
 
 from ldjax.llm.penzai_adapter import (
