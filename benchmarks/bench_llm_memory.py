@@ -181,7 +181,8 @@ def analyse(arch: str, t: int, k: int) -> dict:
             "compile_s": time.perf_counter() - t0,
         }
         print(
-            f"  analysed {arch} T={t} {name}: {peak / 2**30:.2f} GiB, {out[name]['flops']:.3g} FLOP",
+            f"  analysed {arch} T={t} {name}: {peak / 2**30:.2f} GiB, "
+            f"{out[name]['flops']:.3g} FLOP",
             file=sys.stderr,
             flush=True,
         )
@@ -249,7 +250,8 @@ def measure(arch: str, t: int, k: int, check: bool) -> dict:
             raise SystemExit(f"{name} at {arch} T={t} failed:\n{r.stderr[-3000:]}")
         out[name] = json.loads(r.stdout.strip().splitlines()[-1])
         print(
-            f"  measured {arch} T={t} {name}: {out[name]['time_s']:.2f} s, RSS {out[name]['rss_bytes'] / 2**30:.2f} GiB",
+            f"  measured {arch} T={t} {name}: {out[name]['time_s']:.2f} s, "
+            f"RSS {out[name]['rss_bytes'] / 2**30:.2f} GiB",
             file=sys.stderr,
             flush=True,
         )
@@ -271,7 +273,8 @@ def tables(analysed, measured, k) -> str:
         lines += [
             "## From shapes (XLA compiled analysis for the CPU; nothing allocated)",
             "",
-            "| model | params | T | program | peak memory GiB | × step | GFLOP | × step | × step_probes |",
+            "| model | params | T | program | peak memory GiB | × step | GFLOP | × step "
+            "| × step_probes |",
             "|---|---:|---:|---|---:|---:|---:|---:|---:|",
         ]
         for a in analysed:
@@ -279,16 +282,19 @@ def tables(analysed, measured, k) -> str:
             for name in PROGRAMS:
                 r = a[name]
                 lines.append(
-                    f"| {a['arch']} | {a['n_params'] / 1e6:.0f}M | {a['T']} | {name} | {_gib(r['peak_bytes'])} | "
+                    f"| {a['arch']} | {a['n_params'] / 1e6:.0f}M | {a['T']} | {name} | "
+                    f"{_gib(r['peak_bytes'])} | "
                     f"{r['peak_bytes'] / s['peak_bytes']:.2f} | {r['flops'] / 1e9:.0f} | "
                     f"{r['flops'] / s['flops']:.2f} | {r['flops'] / sp['flops']:.2f} |"
                 )
         lines.append("")
     if measured:
         lines += [
-            "## Measured on the CPU (random init; median of 2 after a warm-up; peak RSS of a fresh process)",
+            "## Measured on the CPU (random init; median of 2 after a warm-up; "
+            "peak RSS of a fresh process)",
             "",
-            "| model | T | program | time s | × step | peak RSS GiB | × step | RSS − params-only GiB |",
+            "| model | T | program | time s | × step | peak RSS GiB | × step "
+            "| RSS − params-only GiB |",
             "|---|---:|---|---:|---:|---:|---:|---:|",
         ]
         for m in measured:
@@ -296,14 +302,16 @@ def tables(analysed, measured, k) -> str:
             for name in PROGRAMS:
                 r = m[name]
                 lines.append(
-                    f"| {m['arch']} | {m['T']} | {name} | {r['time_s']:.2f} | {r['time_s'] / s['time_s']:.2f} | "
+                    f"| {m['arch']} | {m['T']} | {name} | {r['time_s']:.2f} | "
+                    f"{r['time_s'] / s['time_s']:.2f} | "
                     f"{_gib(r['rss_bytes'])} | {r['rss_bytes'] / s['rss_bytes']:.2f} | "
                     f"{_gib(r['rss_bytes'] - r['rss_before_bytes'])} |"
                 )
             chk = m["decomp"].get("max_rel_diff_vs_ldjax_influence")
             if chk is not None:
                 lines.append(
-                    f"| | | decomp vs `ldjax.influence(method='jvp')`: max rel. diff {chk:.1e} | | | | | |"
+                    f"| | | decomp vs `ldjax.influence(method='jvp')`: max rel. diff "
+                    f"{chk:.1e} | | | | | |"
                 )
         lines.append("")
     return "\n".join(lines)
