@@ -17,6 +17,9 @@ per sequence, every sequence ``T`` tokens (prompt + response), Pythia's V = 50,3
   and branch (y⁺ and y⁻ terms apart) by one JVP of the probe's readout — all 13 probes at once
   (``vmap``), as ldjax.influence does.
 * ``decomp_chunked``: the same, the probes one at a time (``lax.map``): chunking over probes.
+* ``decomp_grad``: the same numbers by reverse mode, the probes one at a time: the gradient
+  ``∇θ log π(y_o|x)`` of each probe (one backward pass) read along g⁺ and g⁻ (two dot products),
+  never kept (the ``"gram"`` algorithm of ``ldjax.influence``, streamed over the probes).
 * ``step_probes``: what the decomposition replaces when measured for real: the probes' log π
   before the step, the step (SGD), and after (13 forward passes twice).
 
@@ -50,7 +53,7 @@ import ldjax
 import ldjax.llm as llm
 from ldjax import losses
 
-PROGRAMS = ("step", "decomp", "decomp_chunked", "step_probes")
+PROGRAMS = ("step", "decomp", "decomp_chunked", "decomp_grad", "step_probes")
 ETA = 1e-5
 
 
@@ -102,6 +105,17 @@ def make_programs(f, tx):
         dirs = jax.tree_util.tree_map(lambda a, b: -ETA * jnp.stack([a, b]), gp, gn)
         return jax.lax.map(lambda o: along(theta, dirs, *o), probes)  # (K, 2)
 
+    def decomp_grad(theta, pair, ref, probes):
+        gp, gn = branch_grads(f, theta, pair, ref)
+        leaves = jax.tree_util.tree_leaves
+
+        def one(o):  # ∇θ log π(y_o|x) of one probe (one backward pass), read along g⁺ and g⁻
+            r = jax.grad(lambda th: readout(f, th, *o))(theta)
+            dot = lambda g: sum(jnp.vdot(a, b) for a, b in zip(leaves(r), leaves(g)))
+            return -ETA * jnp.stack([dot(gp), dot(gn)])
+
+        return jax.lax.map(one, probes)  # (K, 2)
+
     def step_probes(theta, pair, ref, probes):
         def logps(th):
             return jax.lax.map(lambda o: readout(f, th, *o), probes)
@@ -115,6 +129,7 @@ def make_programs(f, tx):
         step=jax.jit(step, donate_argnums=(0, 1)),
         decomp=jax.jit(decomp),
         decomp_chunked=jax.jit(decomp_chunked),
+        decomp_grad=jax.jit(decomp_grad),
         step_probes=jax.jit(step_probes),
     )
 
@@ -148,7 +163,7 @@ def _args(name, theta, state, pair, ref, probes):
     return (theta, state, pair, ref) if name == "step" else (theta, pair, ref, probes)
 
 
-def analyse(arch: str, t: int, k: int) -> dict:
+def analyse(arch: str, t: int, k: int, programs=PROGRAMS) -> dict:
     cfg = llm.gpt_neox_config(arch)
     f, shapes = llm.abstract_gpt_neox(cfg)
     tx = optax.adam(1e-5)
@@ -161,7 +176,7 @@ def analyse(arch: str, t: int, k: int) -> dict:
         "K": k,
         "n_params": int(sum(np.prod(s.shape) for s in shapes.values())),
     }
-    for name in PROGRAMS:
+    for name in programs:
         t0 = time.perf_counter()
         c = progs[name].lower(*_args(name, shapes, state, pair, ref, probes)).compile()
         m = c.memory_analysis()
@@ -211,7 +226,7 @@ def measure_one(arch: str, t: int, k: int, name: str, check: bool) -> dict:
         "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_before_bytes": rss0,
     }
-    if check and name == "decomp":
+    if check and name.startswith("decomp"):
         # the same numbers as the engine's batch influence job (sequence readouts, y⁺/y⁻ terms)
         (xp, yp, mp), (xn, yn, mn) = pair
         kw = dict(
@@ -241,9 +256,9 @@ def measure_one(arch: str, t: int, k: int, name: str, check: bool) -> dict:
     return res
 
 
-def measure(arch: str, t: int, k: int, check: bool) -> dict:
+def measure(arch: str, t: int, k: int, check: bool, programs=PROGRAMS) -> dict:
     out = {"arch": arch, "T": t, "K": k}
-    for name in PROGRAMS:
+    for name in programs:
         cmd = [sys.executable, __file__, "--_one", f"{arch}:{t}:{k}:{name}:{int(check)}"]
         r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if r.returncode:
@@ -256,6 +271,18 @@ def measure(arch: str, t: int, k: int, check: bool) -> dict:
             flush=True,
         )
     return out
+
+
+def _merge(paths):
+    """The runs of several --json files, merged per (model, T): later files add programs."""
+    out = {"analysed": {}, "measured": {}}
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            d = json.load(fh)
+        for kind in out:
+            for r in d[kind]:
+                out[kind].setdefault((r["arch"], r["T"]), {}).update(r)
+    return list(out["analysed"].values()), list(out["measured"].values())
 
 
 def _gib(b):
@@ -279,7 +306,7 @@ def tables(analysed, measured, k) -> str:
         ]
         for a in analysed:
             s, sp = a["step"], a["step_probes"]
-            for name in PROGRAMS:
+            for name in [n for n in PROGRAMS if n in a]:
                 r = a[name]
                 lines.append(
                     f"| {a['arch']} | {a['n_params'] / 1e6:.0f}M | {a['T']} | {name} | "
@@ -299,7 +326,7 @@ def tables(analysed, measured, k) -> str:
         ]
         for m in measured:
             s = m["step"]
-            for name in PROGRAMS:
+            for name in [n for n in PROGRAMS if n in m]:
                 r = m[name]
                 lines.append(
                     f"| {m['arch']} | {m['T']} | {name} | {r['time_s']:.2f} | "
@@ -307,12 +334,13 @@ def tables(analysed, measured, k) -> str:
                     f"{_gib(r['rss_bytes'])} | {r['rss_bytes'] / s['rss_bytes']:.2f} | "
                     f"{_gib(r['rss_bytes'] - r['rss_before_bytes'])} |"
                 )
-            chk = m["decomp"].get("max_rel_diff_vs_ldjax_influence")
-            if chk is not None:
-                lines.append(
-                    f"| | | decomp vs `ldjax.influence(method='jvp')`: max rel. diff "
-                    f"{chk:.1e} | | | | | |"
-                )
+            for name in [n for n in PROGRAMS if n in m]:
+                chk = m[name].get("max_rel_diff_vs_ldjax_influence")
+                if chk is not None:
+                    lines.append(
+                        f"| | | {name} vs `ldjax.influence(method='jvp')`: max rel. diff "
+                        f"{chk:.1e} | | | | | |"
+                    )
         lines.append("")
     return "\n".join(lines)
 
@@ -327,6 +355,8 @@ def main(argv=None):
     ap.add_argument("--analyse", default="pythia-410m:512,pythia-160m:512,pythia-70m:512")
     ap.add_argument("--measure", default="pythia-14m:128,pythia-70m:64")
     ap.add_argument("--probes", type=int, default=13)
+    ap.add_argument("--programs", default=",".join(PROGRAMS))
+    ap.add_argument("--tables-from", default=None, help="print the tables of these --json files")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)
@@ -335,9 +365,18 @@ def main(argv=None):
         arch, t, k, name, check = a._one.split(":")
         print(json.dumps(measure_one(arch, int(t), int(k), name, bool(int(check)))))
         return
-    analysed = [analyse(*_spec(s, a.probes), a.probes) for s in a.analyse.split(",") if s]
+    progs = tuple(a.programs.split(","))
+    if a.tables_from:
+        analysed, measured = _merge(a.tables_from.split(","))
+        text = tables(analysed, measured, a.probes)
+        print(text)
+        if a.out:
+            with open(a.out, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        return
+    analysed = [analyse(*_spec(s, a.probes), a.probes, progs) for s in a.analyse.split(",") if s]
     measured = [
-        measure(*_spec(s, a.probes), a.probes, check=(i == 0))
+        measure(*_spec(s, a.probes), a.probes, check=(i == 0), programs=progs)
         for i, s in enumerate(a.measure.split(","))
         if s
     ]
