@@ -86,7 +86,16 @@ def branch_grads(f, theta, pair, ref):
     return vp(gp)[0], vn(gn)[0]
 
 
-def make_programs(f, tx):
+def make_programs(f, tx, unroll=False):
+    """The programs; ``unroll``: the per-probe loops as Python loops instead of ``lax.map``
+    (XLA's cost analysis counts a while loop's body once: the unrolled programs give the FLOPs)."""
+
+    def lmap(fn, xs):
+        if not unroll:
+            return jax.lax.map(fn, xs)
+        n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+        return jnp.stack([fn(jax.tree_util.tree_map(lambda a, i=i: a[i], xs)) for i in range(n)])
+
     def step(theta, state, pair, ref):
         g = jax.grad(lambda th: dpo_total(f, th, pair, ref))(theta)
         upd, state = tx.update(g, state, theta)
@@ -105,7 +114,7 @@ def make_programs(f, tx):
     def decomp_chunked(theta, pair, ref, probes):
         gp, gn = branch_grads(f, theta, pair, ref)
         dirs = jax.tree_util.tree_map(lambda a, b: -ETA * jnp.stack([a, b]), gp, gn)
-        return jax.lax.map(lambda o: along(theta, dirs, *o), probes)  # (K, 2)
+        return lmap(lambda o: along(theta, dirs, *o), probes)  # (K, 2)
 
     def decomp_grad(theta, pair, ref, probes):
         gp, gn = branch_grads(f, theta, pair, ref)
@@ -116,11 +125,11 @@ def make_programs(f, tx):
             dot = lambda g: sum(jnp.vdot(a, b) for a, b in zip(leaves(r), leaves(g)))
             return -ETA * jnp.stack([dot(gp), dot(gn)])
 
-        return jax.lax.map(one, probes)  # (K, 2)
+        return lmap(one, probes)  # (K, 2)
 
     def step_probes(theta, pair, ref, probes):
         def logps(th):
-            return jax.lax.map(lambda o: readout(f, th, *o), probes)
+            return lmap(lambda o: readout(f, th, *o), probes)
 
         before = logps(theta)
         g = jax.grad(lambda th: dpo_total(f, th, pair, ref))(theta)
@@ -165,13 +174,13 @@ def _args(name, theta, state, pair, ref, probes):
     return (theta, state, pair, ref) if name == "step" else (theta, pair, ref, probes)
 
 
-def analyse(arch: str, t: int, k: int, programs=PROGRAMS) -> dict:
+def analyse(arch: str, t: int, k: int, programs=PROGRAMS, unroll=False) -> dict:
     cfg = llm.gpt_neox_config(arch)
     f, shapes = llm.abstract_gpt_neox(cfg)
     tx = optax.adam(1e-5)
     state = jax.eval_shape(tx.init, shapes)
     pair, ref, probes = inputs(t, k, cfg.vocab_size)
-    progs = make_programs(f, tx)
+    progs = make_programs(f, tx, unroll)
     out = {
         "arch": arch,
         "T": t,
@@ -190,7 +199,7 @@ def analyse(arch: str, t: int, k: int, programs=PROGRAMS) -> dict:
             + m.temp_size_in_bytes
             - m.alias_size_in_bytes
         )
-        out[name] = {
+        out[name + ("@unrolled" if unroll else "")] = {
             "peak_bytes": int(peak),
             "temp_bytes": int(m.temp_size_in_bytes),
             "argument_bytes": int(m.argument_size_in_bytes),
@@ -199,7 +208,7 @@ def analyse(arch: str, t: int, k: int, programs=PROGRAMS) -> dict:
         }
         print(
             f"  analysed {arch} T={t} {name}: {peak / 2**30:.2f} GiB, "
-            f"{out[name]['flops']:.3g} FLOP",
+            f"{cost.get('flops', float('nan')):.3g} FLOP",
             file=sys.stderr,
             flush=True,
         )
@@ -282,15 +291,23 @@ def tables(analysed, measured, k) -> str:
             "|---|---:|---:|---|---:|---:|---:|---:|---:|",
         ]
         for a in analysed:
-            s, sp = a["step"], a["step_probes"]
+            fl = lambda n, a=a: a.get(n + "@unrolled", a[n])["flops"]
             for name in [n for n in PROGRAMS if n in a]:
-                r = a[name]
+                r = dict(a[name], flops=fl(name))
+                s = dict(a["step"], flops=fl("step"))
+                sp = dict(a["step_probes"], flops=fl("step_probes"))
                 lines.append(
                     f"| {a['arch']} | {a['n_params'] / 1e6:.0f}M | {a['T']} | {name} | "
                     f"{_gib(r['peak_bytes'])} | "
                     f"{r['peak_bytes'] / s['peak_bytes']:.2f} | {r['flops'] / 1e9:.0f} | "
                     f"{r['flops'] / s['flops']:.2f} | {r['flops'] / sp['flops']:.2f} |"
                 )
+        lines += [
+            "",
+            "Peak memory = arguments + outputs + temporaries − aliased (donated) buffers. FLOPs of "
+            "the programs with a per-probe loop come from their unrolled twins (`--unroll`): XLA's "
+            "cost analysis counts a while loop's body once.",
+        ]
         lines.append("")
     if measured:
         lines += [
@@ -331,6 +348,7 @@ def main(argv=None):
     ap.add_argument("--measure", default="pythia-14m:128,pythia-70m:64")
     ap.add_argument("--probes", type=int, default=13)
     ap.add_argument("--programs", default=",".join(PROGRAMS))
+    ap.add_argument("--unroll", action="store_true", help="--analyse the unrolled loops (FLOPs)")
     ap.add_argument("--tables-from", default=None, help="print the tables of these --json files")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
@@ -349,7 +367,9 @@ def main(argv=None):
             with open(a.out, "w", encoding="utf-8") as fh:
                 fh.write(text + "\n")
         return
-    analysed = [analyse(*_spec(s, a.probes), a.probes, progs) for s in a.analyse.split(",") if s]
+    analysed = [
+        analyse(*_spec(s, a.probes), a.probes, progs, a.unroll) for s in a.analyse.split(",") if s
+    ]
     measured = [
         measure(*_spec(s, a.probes), a.probes, check=(i == 0), programs=progs)
         for i, s in enumerate(a.measure.split(","))
