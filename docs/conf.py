@@ -144,7 +144,8 @@ write_cli_help()
 def _drop_builtin_type_docstring(app, what, name, obj, options, lines):
     """``autodata`` of a constant without a doc comment shows its type's docstring (a tuple's:
     "Built-in immutable sequence. ..."); drop it, the page describes the constant instead."""
-    type_doc = (type(obj).__doc__ or "").strip()
+    type_doc = type(obj).__doc__
+    type_doc = type_doc.strip() if isinstance(type_doc, str) else ""  # a slot descriptor: none
     if (
         what == "data"
         and lines
