@@ -24,6 +24,7 @@ ALLOWED = {
     "ldjax.training": ENGINE + ("ldjax.training",),
     "ldjax.mnist": ENGINE + ("ldjax.losses", "ldjax.data", "ldjax.training", "ldjax.mnist"),
     "ldjax.lm": ENGINE + ("ldjax.losses", "ldjax.data", "ldjax.training", "ldjax.lm"),
+    "ldjax.llm": ENGINE + ("ldjax.losses", "ldjax.data", "ldjax.lm", "ldjax.llm"),
     "ldjax.experiments": None,  # the top: anything in ldjax
 }
 
