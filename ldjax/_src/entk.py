@@ -412,7 +412,10 @@ class _Problem:
 
     def __init__(self, apply_fn, variables, x_o, x_u, reduction, pos_o, pos_u, v, demote=()):
         f, params = trainable_fn(apply_fn, variables)
-        x0 = jax.tree_util.tree_map(lambda a: a[0], x_o)
+        # the key from shapes alone: slicing x_o[0] here would dispatch a device op per call
+        x0 = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jnp.result_type(a)), x_o
+        )
         key = (apply_fn, validate.avals_key(variables), validate.avals_key(x0), demote)
         self.demote = demote
         if key not in self._CACHE:
@@ -448,8 +451,9 @@ class _Problem:
     """True for the view :meth:`with_head` returns: rows are the head's C inputs."""
 
     def with_head(self) -> _Problem:
-        """This problem under the head factorisation (structured only): the head site leaves the
-        sites, and the feature rows are its ``C`` inputs instead of the ``V`` logits."""
+        """This problem under the head factorisation (structured, and vp without a
+        preconditioner): the head site leaves the sites, and the feature rows (vp: the VJP
+        rows) are its ``C`` inputs instead of the ``V`` logits."""
         p = copy.copy(self)
         _, c, _ = self.dims[self.head]
         p.dims = [d for k, d in enumerate(self.dims) if k != self.head]
