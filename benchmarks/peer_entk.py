@@ -173,6 +173,8 @@ def _worker(args) -> dict:
             ca = compiled.cost_analysis()
             ca = ca[0] if isinstance(ca, list) else ca
             out["xla_flops"] = float(ca.get("flops", 0.0)) or None
+            if "while(" in compiled.as_text():  # XLA counts a loop's body once
+                out["xla_flops"] = None
         except Exception:  # advisory
             out["xla_flops"] = None
         if args.peak:
