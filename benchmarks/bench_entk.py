@@ -471,13 +471,17 @@ def peer_ratio(rows):
     lb, nb = best(rows, "ldjax"), best(rows, "nt")
     if lb is None or nb is None:
         return None
-    return dict(
+    out = dict(
         ldjax=lb["impl"],
         nt=nb["impl"],
         ratio=nb["seconds"] / lb["seconds"],
         lo=nb["seconds_min"] / lb["seconds_max"],
         hi=nb["seconds_max"] / lb["seconds_min"],
+        norm=None,
     )
+    if lb.get("peak_gflops") and nb.get("peak_gflops"):  # times in units of the GEMM's time
+        out["norm"] = (nb["seconds"] * nb["peak_gflops"]) / (lb["seconds"] * lb["peak_gflops"])
+    return out
 
 
 def tables(results, limits) -> list[str]:
@@ -532,16 +536,19 @@ def tables(results, limits) -> list[str]:
         out += [
             "",
             "nt's best over ldjax's best, same run (median over median; spread: nt min / "
-            "ldjax max … nt max / ldjax min):",
+            "ldjax max … nt max / ldjax min). nt runs after ldjax, not call by call with it, so "
+            "the last column also divides out the load: each median times the median GEMM "
+            "peak sampled beside it (a time in units of the GEMM's time):",
             "",
-            "| case | ldjax best | nt best | nt / ldjax | spread |",
-            "|---|---|---|---|---|",
+            "| case | ldjax best | nt best | nt / ldjax | spread | nt / ldjax, each time × its "
+            "GEMM peak (load-normalised) |",
+            "|---|---|---|---|---|---|",
         ]
         for n, r in ratios.items():
             if r:
                 out.append(
                     f"| {n} | {r['ldjax']} | {r['nt']} | **{r['ratio']:.2f}×** "
-                    f"| {r['lo']:.2f}–{r['hi']:.2f} |"
+                    f"| {r['lo']:.2f}–{r['hi']:.2f} | {_f(r['norm'], '{:.2f}×')} |"
                 )
     if "vp" in results:
         out += [
