@@ -175,6 +175,7 @@ def _worker(args) -> dict:
             out["xla_flops"] = float(ca.get("flops", 0.0)) or None
             if "while(" in compiled.as_text():  # XLA counts a loop's body once
                 out["xla_flops"] = None
+            out["xla_loops_checked"] = True
         except Exception:  # advisory
             out["xla_flops"] = None
         if args.peak:
