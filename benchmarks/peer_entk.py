@@ -14,6 +14,7 @@ implementation=k)``, jit-compiles it ahead of time (``compile_s``), runs it once
 line per implementation::
 
     {"impl": "JACOBIAN_CONTRACTION", "compile_s": ..., "seconds_median": ..., "seconds_min": ...,
+     "seconds_all": [...], "xla_flops": ..., "peak_gflops_all": [...] (with --peak),
      "fro": ||K||_F, "shape": [N_o, N_u, V, V], ...}
 
 or ``{"impl": ..., "error": "..."}`` when it fails, runs out of memory or exceeds ``--timeout-s``.
@@ -72,6 +73,12 @@ def _parser():
         type=int,
         default=None,
         help="transformer heads; default: 'n_heads' stored in the npz, else 4",
+    )
+    p.add_argument(
+        "--peak",
+        action="store_true",
+        help="time a float32 GEMM (1024x4096 @ 4096x1024) before every timed call: the machine's "
+        "peak under the same load (peak_gflops_all)",
     )
     # internal: run one implementation in this process
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -162,8 +169,27 @@ def _worker(args) -> dict:
         k = compiled(x_o, x_u, params)
         k.block_until_ready()
         out["first_run_s"] = time.perf_counter() - t0
-        times = []
+        try:
+            ca = compiled.cost_analysis()
+            ca = ca[0] if isinstance(ca, list) else ca
+            out["xla_flops"] = float(ca.get("flops", 0.0)) or None
+            if "while(" in compiled.as_text():  # XLA counts a loop's body once
+                out["xla_flops"] = None
+            out["xla_loops_checked"] = True
+        except Exception:  # advisory
+            out["xla_flops"] = None
+        if args.peak:
+            r = np.random.default_rng(1)
+            ga = jnp.asarray(r.normal(size=(1024, 4096)), jnp.float32)
+            gb = jnp.asarray(r.normal(size=(4096, 1024)), jnp.float32)
+            gemm = jax.jit(lambda a, b: a @ b)
+            gemm(ga, gb).block_until_ready()
+        times, peaks = [], []
         for _ in range(args.repeats):
+            if args.peak:
+                t0 = time.perf_counter()
+                gemm(ga, gb).block_until_ready()
+                peaks.append(2.0 * 1024 * 4096 * 1024 / (time.perf_counter() - t0) / 1e9)
             t0 = time.perf_counter()
             k = compiled(x_o, x_u, params)
             k.block_until_ready()
@@ -179,6 +205,10 @@ def _worker(args) -> dict:
         seconds_median=float(np.median(times)) if times else None,
         seconds_min=float(np.min(times)) if times else None,
         seconds_all=[float(t) for t in times],
+        peak_gflops_all=peaks,
+        load=" ".join(open("/proc/loadavg").read().split()[:3])
+        if os.path.exists("/proc/loadavg")
+        else None,
         fro=float(np.linalg.norm(k_host.astype(np.float64).ravel())),
         shape=list(k_host.shape),
         finite=bool(np.all(np.isfinite(k_host))),
@@ -210,6 +240,8 @@ def _run_child(args, impl_id, k_out):
         cmd.append("--last-token")
     if args.n_heads is not None:
         cmd += ["--n-heads", str(args.n_heads)]
+    if args.peak:
+        cmd.append("--peak")
     if k_out:
         cmd += ["--k-out", k_out]
     base = {"impl": IMPL_NAMES[impl_id], "impl_id": impl_id, "model": args.model}

@@ -1,6 +1,7 @@
 """ldjax.entk: every implementation equals the jacrev J_o J_uᵀ and neural-tangents' golden K."""
 
 import functools
+import itertools
 import os
 
 import flax.linen as nn
@@ -95,21 +96,22 @@ def test_head_factorisation(bias, transposed):
         prob, *_ = ntk._setup(f, p, xo, xu, "full", None, None)
         assert prob.head >= 0
         K0 = jacrev_entk(f, p, xo, xu)
-        assert rel(ldjax.entk(f, p, xo, xu, implementation="structured"), K0) <= 1e-10
+        for impl in ("structured", "vp"):  # vp: C VJPs per position, not V
+            assert rel(ldjax.entk(f, p, xo, xu, implementation=impl), K0) <= 1e-10, impl
         mask = np.array([[1, 0, 1, 1], [0, 1, 1, 0], [1, 1, 1, 1]], bool)
         Km = ldjax.entk(f, p, xo, xo, implementation="jacobian", mask_o=mask, mask_u=mask)
-        for budget in (10**9, 4000):  # one block (triangular K(x,x)) and chunked
-            K = ldjax.entk(
+        for impl, budget in itertools.product(("structured", "vp"), (10**9, 4000)):
+            K = ldjax.entk(  # one block (triangular K(x,x)) and chunked
                 f,
                 p,
                 xo,
                 xo,
-                implementation="structured",
+                implementation=impl,
                 mask_o=mask,
                 mask_u=mask,
                 memory_budget=budget,
             )
-            assert rel(K, Km) <= 1e-10, budget
+            assert rel(K, Km) <= 1e-10, (impl, budget)
 
 
 def test_xla_cpu_reduction_workaround_is_active():

@@ -136,17 +136,28 @@ def _head_matrix(apply_fn, variables, site):
     return w if site.w_contract == (0,) else w.T
 
 
-def _site_orders(dims, n_o, n_u, m, l, vp, diag):
-    """Per site, ``"gram"`` (contract activations first) or ``"jac"`` (build x ⊗ δ), by FLOPs."""
+# The "gram" order (⟨x_o,s, x_u,t⟩ first, then two batched products over the cotangents) runs at
+# less than half the FLOP rate of the "jac" order's one 2-D GEMM over C·F: measured side by side
+# on the 2-core CPU for the benchmark transformer's sites (S = 64, C = 129, F = 128 / 512, 8
+# sequences): 9-10 against 20-23 GFLOP/s under the same load. So gram FLOPs count 2.5× when
+# choosing.
+GRAM_RATE_PENALTY = 2.5
+
+
+def _site_orders(dims, n_o, n_u, m, l, vp, diag, budget_floats=None):
+    """Per site, ``"gram"`` (contract activations first) or ``"jac"`` (build x ⊗ δ), by FLOPs
+    weighted by their rate (:data:`GRAM_RATE_PENALTY`); ``"jac"`` only where its per-row
+    Jacobians ``(n_o·m + n_u·l)·vp·C·F`` floats fit ``budget_floats`` (None: no limit)."""
     orders = []
     for S, C, F in dims:
         if S == 1:
             orders.append("pair")
             continue
         out = m * l * vp * (1 if diag else vp)
-        gram = n_o * n_u * (S * S * C + S * S * l * vp * F + out * S * F)
+        gram = GRAM_RATE_PENALTY * n_o * n_u * (S * S * C + S * S * l * vp * F + out * S * F)
         jac = (n_o * m + n_u * l) * vp * S * C * F + n_o * n_u * out * C * F
-        orders.append("gram" if gram <= jac else "jac")
+        fits = budget_floats is None or (n_o * m + n_u * l) * vp * C * F <= budget_floats
+        orders.append("gram" if gram <= jac or not fits else "jac")
     return tuple(orders)
 
 
@@ -185,7 +196,12 @@ def _contract(reduction, orders, batches, fo, fu):
         else:  # build the per-row Jacobians x ⊗ δ
             jo = jnp.einsum("osc,omisf->omicf", xo, do)
             ju = jnp.einsum("utc,ulitf->ulicf", xu, du)
-            K = K + jnp.einsum("omicf,ulicf->oumli" if diag else "omicf,uljcf->oumlij", jo, ju)
+            if diag:
+                K = K + jnp.einsum("omicf,ulicf->oumli", jo, ju)
+            else:  # one 2-D GEMM (rows_o, C·F) @ (C·F, rows_u): XLA's einsum is slower here
+                (o, m, i), (u, l, j) = jo.shape[:3], ju.shape[:3]
+                k2 = jo.reshape(o * m * i, -1) @ ju.reshape(u * l * j, -1).T
+                K = K + k2.reshape(o, m, i, u, l, j).transpose(0, 3, 1, 4, 2, 5)
     if reduction == "trace":
         K = jnp.sum(K, axis=-1)
     elif reduction == "sum_logits":
@@ -193,16 +209,46 @@ def _contract(reduction, orders, batches, fo, fu):
     return K
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _vp_block(apply_fn, reduction, variables, xo, pos_o, valid_o, xu, pos_u, valid_u, pre=None):
-    """K block by NTK-vector products: a VJP per row of x_u, then one JVP over x_o (``pre``: the
-    VJP's output times the preconditioner)."""
-    f, params = trainable_fn(apply_fn, variables)
+def _head_rows(apply_fn, variables, x, head):
+    """``rows(p, x, pos, valid) -> (n, M, C̃)``: the head site's input rows at the selected
+    positions (with the bias column when the head has a bias), from the per-example jaxpr."""
+    _, _, closed, plan = trace_example(apply_fn, variables, x, True)
+    shapes = site_shapes(closed, plan)
 
     def rows(p, x, pos, valid):
-        out = f(p, x)
-        out = out.reshape(out.shape[0], -1, out.shape[-1])
-        return jax.vmap(lambda o, q, v: logit_rows(o, q, v, reduction))(out, pos, valid)
+        ls = jax.tree_util.tree_leaves(p)
+
+        def one(x1, pos1, valid1):
+            eps = [jnp.zeros(a.shape, a.dtype) for a in shapes]
+            _, xs = evaluate_sites(closed, ls + jax.tree_util.tree_leaves(x1), plan, eps)
+            return xs[head][pos1] * valid1[:, None].astype(xs[head].dtype)
+
+        return jax.vmap(one)(x, pos, valid)
+
+    return rows
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _vp_block(
+    apply_fn, reduction, head, variables, xo, pos_o, valid_o, xu, pos_u, valid_u, pre=None, w=None
+):
+    """K block by NTK-vector products: a VJP per row of x_u, then one JVP over x_o (``pre``: the
+    VJP's output times the preconditioner). With a ``head`` site (its index, else -1; ``w`` its
+    ``(C, V)`` matrix) the rows are the head's ``C`` inputs, ``K = Wᵀ K_x W + ⟨x̃_o, x̃_u⟩ I``
+    (:func:`_contract_any`): C VJPs per position instead of V."""
+    f, params = trainable_fn(apply_fn, variables)
+
+    if head < 0:
+
+        def rows(p, x, pos, valid):
+            out = f(p, x)
+            out = out.reshape(out.shape[0], -1, out.shape[-1])
+            return jax.vmap(lambda o, q, v: logit_rows(o, q, v, reduction))(out, pos, valid)
+
+    else:
+        head_rows = _head_rows(apply_fn, variables, xo, head)
+        c = w.shape[0]
+        rows = lambda p, x, pos, valid: head_rows(p, x, pos, valid)[..., :c]
 
     _, jvp_o = jax.linearize(lambda p: rows(p, xo, pos_o, valid_o), params)
 
@@ -219,6 +265,15 @@ def _vp_block(apply_fn, reduction, variables, xo, pos_o, valid_o, xu, pos_u, val
 
     cols = jax.lax.map(one_u, (xu, pos_u, valid_u))  # (n_u, L, V', n_o, M, V')
     K = jnp.transpose(cols, (3, 0, 4, 1, 5, 2))  # (o, u, m, l, i, j)
+    if head >= 0:  # K_x of the head's input -> K of the logits (reduction "full")
+        k = jnp.einsum("oumlab,bj->oumlaj", K, w)
+        k = jnp.einsum("oumlaj,ai->oumlij", k, w)
+        xh = jnp.einsum(
+            "omc,ulc->ouml",
+            head_rows(params, xo, pos_o, valid_o),
+            head_rows(params, xu, pos_u, valid_u),
+        )
+        return k + xh[..., None, None] * jnp.eye(w.shape[1], dtype=k.dtype)
     if reduction in ("diagonal", "trace"):
         K = jnp.diagonal(K, axis1=4, axis2=5)
         if reduction == "trace":
@@ -357,7 +412,10 @@ class _Problem:
 
     def __init__(self, apply_fn, variables, x_o, x_u, reduction, pos_o, pos_u, v, demote=()):
         f, params = trainable_fn(apply_fn, variables)
-        x0 = jax.tree_util.tree_map(lambda a: a[0], x_o)
+        # the key from shapes alone: slicing x_o[0] here would dispatch a device op per call
+        x0 = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jnp.result_type(a)), x_o
+        )
         key = (apply_fn, validate.avals_key(variables), validate.avals_key(x0), demote)
         self.demote = demote
         if key not in self._CACHE:
@@ -393,8 +451,9 @@ class _Problem:
     """True for the view :meth:`with_head` returns: rows are the head's C inputs."""
 
     def with_head(self) -> _Problem:
-        """This problem under the head factorisation (structured only): the head site leaves the
-        sites, and the feature rows are its ``C`` inputs instead of the ``V`` logits."""
+        """This problem under the head factorisation (structured, and vp without a
+        preconditioner): the head site leaves the sites, and the feature rows (vp: the VJP
+        rows) are its ``C`` inputs instead of the ``V`` logits."""
         p = copy.copy(self)
         _, c, _ = self.dims[self.head]
         p.dims = [d for k, d in enumerate(self.dims) if k != self.head]
@@ -417,7 +476,8 @@ class _Problem:
         """Estimated FLOPs of the whole call (K(x, x) computes about half of the blocks)."""
         if symmetric and implementation != "vp":
             return 0.5 * self.cost(implementation)
-        if implementation == "structured" and self.head >= 0 and not self.headed:
+        headed = implementation == "structured" or (implementation == "vp" and not self.demote)
+        if headed and self.head >= 0 and not self.headed:
             p = self.with_head()  # K = Wᵀ K_x W: the mapping is two products per (o, u, m, l)
             mapping = (
                 2
@@ -427,7 +487,7 @@ class _Problem:
                 * self.l
                 * (p.vp * p.vp * self.vp + p.vp * self.vp**2)
             )
-            return p.cost("structured") + mapping
+            return p.cost(implementation) + mapping
         f1 = self.f1_flops
         ro, ru = self.n_o * self.m * self.vp, self.n_u * self.l * self.vp
         pairs = self.n_o * self.n_u * self.m * self.l * self.vp * (1 if self.diag else self.vp)
@@ -650,7 +710,10 @@ def entk(
     if implementation == "auto":
         implementation = min(IMPLEMENTATIONS, key=lambda i: prob.cost(i, symmetric))
     symmetric = symmetric and implementation != "vp"
-    if implementation == "structured" and prob.head >= 0:
+    # the head factorisation: structured always, vp without a preconditioner
+    if prob.head >= 0 and (
+        implementation == "structured" or (implementation == "vp" and pre is None)
+    ):
         prob = prob.with_head()
     if implementation == "vp":
         row_bytes_u = prob.vp * sum(prob.leaf_sizes) * prob.itemsize * 2
@@ -888,7 +951,7 @@ def _run_chunks(
         return (x if whole else take_examples(x, idx)), jnp.asarray(p), jnp.asarray(v)
 
     structured = implementation == "structured"
-    head = prob.head if (structured and prob.headed) else -1
+    head = prob.head if (implementation != "jacobian" and prob.headed) else -1
     w = None if head < 0 else _head_matrix(apply_fn, params, prob.plan.sites[head])
     demote = prob.demote if structured else ()
     scales = None if pre is None else _scales(prob, pre[0], pre[1], structured)
@@ -897,8 +960,8 @@ def _run_chunks(
         apply_fn, structured, reduction, head, demote, params, x, p, v
     )
     dims = prob.dims if structured else []
-    orders = _site_orders(dims, no, nu, mc, lc, prob.vp, prob.diag)
     budget_floats = memory_budget / 4 / prob.itemsize
+    orders = _site_orders(dims, no, nu, mc, lc, prob.vp, prob.diag, budget_floats)
     batches = tuple(
         int(max(1, min(no, budget_floats // max(nu * S * lc * prob.vp * F, 1)))) for S, _, F in dims
     )
@@ -906,7 +969,7 @@ def _run_chunks(
         xo, po, vo = piece(x_o, pos_o, valid_o, *co[0], no, mc)
         if implementation == "vp":
             xu, pu, vu = piece(x_u, pos_u, valid_u, *cu[0], nu, lc)
-            K = _vp_block(apply_fn, reduction, params, xo, po, vo, xu, pu, vu, p_vp)
+            K = _vp_block(apply_fn, reduction, head, params, xo, po, vo, xu, pu, vu, p_vp, w)
             return K[:, :, 0, 0] if squeeze else K
         u = () if symmetric else piece(x_u, pos_u, valid_u, *cu[0], nu, lc)
         return _one_block(
@@ -948,7 +1011,7 @@ def _run_chunks(
                 continue
             xu, pu, vu = piece(x_u, pos_u, valid_u, e, g, h, k, nu, lc)
             if implementation == "vp":
-                blk = _vp_block(apply_fn, reduction, params, xo, po, vo, xu, pu, vu, p_vp)
+                blk = _vp_block(apply_fn, reduction, head, params, xo, po, vo, xu, pu, vu, p_vp, w)
             else:
                 fu = fo if (symmetric and iu == io) else cached.get(("u", e, h))
                 if fu is None:
