@@ -93,6 +93,14 @@ def _check_pair(loss, logits_pos, logits_neg, **kwargs):
     validate.loss_inputs(loss, (logits_pos, logits_neg), kwargs)
 
 
+def _checked_margins(loss, logits_pos, logits_neg, **kwargs):
+    """The inputs of a reference-relative pair loss checked (:func:`_check_pair`, hyper-parameters
+    included), then its implicit rewards ``(r⁺, r⁻)`` (:func:`_margins`)."""
+    _check_pair(loss, logits_pos, logits_neg, **kwargs)
+    names = ("targets_pos", "targets_neg", "mask_pos", "mask_neg", "ref_logp_pos", "ref_logp_neg")
+    return _margins(logits_pos, logits_neg, *(kwargs[n] for n in names))
+
+
 @validate.register_loss("dpo")
 def dpo(
     logits_pos,
@@ -128,7 +136,7 @@ def dpo(
       >>> [round(v, 4) for v in losses.dpo(z, z, **kw).tolist()]
       [0.6931, 0.6931]
     """
-    _check_pair(
+    r_pos, r_neg = _checked_margins(
         "dpo",
         logits_pos,
         logits_neg,
@@ -139,16 +147,6 @@ def dpo(
         ref_logp_pos=ref_logp_pos,
         ref_logp_neg=ref_logp_neg,
         beta=beta,
-    )
-    r_pos, r_neg = _margins(
-        logits_pos,
-        logits_neg,
-        targets_pos,
-        targets_neg,
-        mask_pos,
-        mask_neg,
-        ref_logp_pos,
-        ref_logp_neg,
     )
     return -jax.nn.log_sigmoid(beta * (r_pos - r_neg))
 
@@ -167,7 +165,7 @@ def ipo(
     beta: float = 0.1,
 ) -> jax.Array:
     """IPO: ``(r⁺ − r⁻ − 1/(2β))²``, ``(N,)``. G⁺ = 2(1/(2β) − h)(π⁺ − y⁺), h = r⁺ − r⁻."""
-    _check_pair(
+    r_pos, r_neg = _checked_margins(
         "ipo",
         logits_pos,
         logits_neg,
@@ -178,16 +176,6 @@ def ipo(
         ref_logp_pos=ref_logp_pos,
         ref_logp_neg=ref_logp_neg,
         beta=beta,
-    )
-    r_pos, r_neg = _margins(
-        logits_pos,
-        logits_neg,
-        targets_pos,
-        targets_neg,
-        mask_pos,
-        mask_neg,
-        ref_logp_pos,
-        ref_logp_neg,
     )
     return (r_pos - r_neg - 1.0 / (2.0 * beta)) ** 2
 
@@ -249,7 +237,7 @@ def sppo(
 
     G⁺ = 2(c/2 − r⁺)(π⁺ − y⁺), G⁻ = −2(r⁻ + c/2)(π⁻ − y⁻) (arXiv 2407.10490, §3 and Figure 2).
     """
-    _check_pair(
+    r_pos, r_neg = _checked_margins(
         "sppo",
         logits_pos,
         logits_neg,
@@ -263,16 +251,6 @@ def sppo(
         c=c,
     )
     c = 1.0 / beta if c is None else c
-    r_pos, r_neg = _margins(
-        logits_pos,
-        logits_neg,
-        targets_pos,
-        targets_neg,
-        mask_pos,
-        mask_neg,
-        ref_logp_pos,
-        ref_logp_neg,
-    )
     return (r_pos - c / 2.0) ** 2 + (r_neg + c / 2.0) ** 2
 
 
