@@ -206,8 +206,9 @@ def plot_per_step(rec: dict, max_points: int = 4000, seed: int = 0):
             shown.append(p_opt[sel])
             title = (
                 f"{name}, median rel. error:\nplain-SGD {np.median(cmp['linear']):.2g} "
-                f"(sign agreement {np.median(cmp['sign_agreement']):.2f}), optimizer-aware "
-                f"{np.median(co['linear']):.2g} ({np.median(co['sign_agreement']):.2f})"
+                f"(sign agreement {np.median(cmp['sign_agreement']):.2f}),\noptimizer-aware "
+                f"{np.median(co['linear']):.2g} (sign agreement "
+                f"{np.median(co['sign_agreement']):.2f})"
             )
         lim = np.abs(np.concatenate(shown)).max() * 1.05
         ax.plot([-lim, lim], [-lim, lim], "k-", lw=0.6, label="y = x")
