@@ -13,7 +13,9 @@ Usage::
 Writes under ``--out``: ``influence/`` (the zarr arrays, their manifest and the audit, see
 :func:`ldjax.influence`), ``summary.json`` (the job, its speed, the audit's median relative
 error, the aggregates), ``top_k.json`` (and ``top_k.md`` for the LM: the pairs as text), and the
-figures ``analyze_{heatmap,aggregate,gallery,audit}.png``. Without ``--checkpoint`` a small model
+figures ``analyze_{heatmap,aggregate,gallery,audit}.png``; with ``lm --token-maps K`` also the
+token maps of the K entries largest in ``|S|`` (``token_maps/maps.npz``,
+``token_maps/ranking.json``, ``figures/token_maps/*.png``). Without ``--checkpoint`` a small model
 is trained first into ``--out``/train (with the one training loop and its checkpoints).
 
 Rerunning the same command resumes an interrupted job at its first unfinished chunk; a finished

@@ -522,8 +522,9 @@ def lm_token_maps(
     apply_fn, params, x_u, loss_kwargs: dict, loss_fn, data_o: dict, s, k: int, *, eta: float
 ) -> dict:
     """The token maps (:func:`ldjax.token_influence`) of the ``k`` (pair u, probe o) entries of
-    ``s (N_u, N_o)`` largest in ``|s|`` (:func:`readouts.top_abs`), computed for the distinct
-    chosen pairs and probes only (one call).
+    ``s (N_u, N_o)`` largest in ``|s|``
+    (:func:`ldjax.experiments.analyze.readouts.top_abs`), computed for the distinct chosen pairs
+    and probes only (one call).
 
     Args:
       apply_fn, params: the model; x_u: ``(N_u, T)`` tokens, or ``(x⁺, x⁻)`` for a pair loss.
