@@ -62,6 +62,11 @@ def test_top_k_and_aggregates_equal_a_direct_computation_from_decompose():
             else:
                 assert np.isnan(agg["mean"][i, j]) and agg["count"][i, j] == 0
     assert readouts.top_k(s, 50)["helpful"].shape == (3, 7)  # k is capped at N_u
+    # the K entries largest in |S| (token maps): ties go to the smaller u, then the smaller o
+    t = np.array([[1.0, -3.0, 2.0], [3.0, 0.5, -2.0]])
+    u, o = readouts.top_abs(t, 4)
+    assert list(zip(u.tolist(), o.tolist())) == [(0, 1), (1, 0), (0, 2), (1, 2)]
+    assert len(readouts.top_abs(t, 99)[0]) == 6
     with pytest.raises(ValueError, match="targets_o"):
         readouts.scores(inf.delta)
     with pytest.raises(ValueError, match="k must be"):
@@ -178,7 +183,7 @@ def test_cli_mnist_end_to_end_resumes_refuses_and_reads_a_training_checkpoint(tm
 @pytest.mark.slow
 def test_cli_lm_end_to_end(tmp_path):
     out = tmp_path / "lm"
-    r = _cli("lm", "--quick", "--out", out, "--audit", 2, "--loss", "dpo")
+    r = _cli("lm", "--quick", "--out", out, "--audit", 2, "--loss", "dpo", "--token-maps", 3)
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["n_u"] == 12 and s["loss"] == "dpo" and s["audit"]["n"] == 2
@@ -186,5 +191,26 @@ def test_cli_lm_end_to_end(tmp_path):
     total, pos, neg = np.asarray(s["readouts"]["by_type"]["mean"])
     np.testing.assert_allclose(total, pos + neg, rtol=1e-4, atol=1e-9)
     assert (out / "top_k.md").read_text().startswith("# Top training pairs per probe (dpo)")
+    # --token-maps 3: the chosen pairs are the top 3 of |S| in the stored matrix, and each pair's
+    # y⁺ and y⁻ maps, summed over both positions and both branches, are its entry of S
+    sc = np.asarray(ldjax.load_influence(out / "influence")["delta"], np.float64)
+    rank = json.loads((out / "token_maps" / "ranking.json").read_text())
+    chosen = [(e["u"], e["o"]) for e in rank]
+    assert len(chosen) == 3 and [list(c) for c in chosen] == s["token_maps"]["pairs"]
+    flat = np.argsort(-np.abs(sc).ravel(), kind="stable")[:3]
+    assert chosen == [tuple(int(i) for i in np.unravel_index(f, sc.shape)) for f in flat]
+    rest = np.ones(sc.shape, bool)
+    rest[tuple(np.array(chosen).T)] = False
+    assert np.abs(sc[~rest]).min() >= np.abs(sc[rest]).max()
+    with np.load(out / "token_maps" / "maps.npz") as z:
+        maps = {k: z[k] for k in z.files}
+    assert maps["map_pos"].dtype == np.float32 and maps["map_neg"].shape == (3, 96, 96)
+    assert [(int(u), int(o)) for u, o in zip(maps["u"], maps["o"])] == chosen
+    sums = maps["map_pos"].sum(axis=(1, 2), dtype=np.float64) + maps["map_neg"].sum(
+        axis=(1, 2), dtype=np.float64
+    )
+    np.testing.assert_allclose(sums, [sc[u, o] for u, o in chosen], rtol=1e-5, atol=0)
+    pngs = sorted((out / "figures" / "token_maps").glob("*.png"))
+    assert len(pngs) == 3 and all(p.stat().st_size > 1000 for p in pngs)
     bad = _cli("lm", "--checkpoint", out / "train", "--pairs", tmp_path / "none.jsonl")
     assert bad.returncode == 2 and "none.jsonl" in bad.stderr

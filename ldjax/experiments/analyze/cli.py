@@ -13,7 +13,9 @@ Usage::
 Writes under ``--out``: ``influence/`` (the zarr arrays, their manifest and the audit, see
 :func:`ldjax.influence`), ``summary.json`` (the job, its speed, the audit's median relative
 error, the aggregates), ``top_k.json`` (and ``top_k.md`` for the LM: the pairs as text), and the
-figures ``analyze_{heatmap,aggregate,gallery,audit}.png``. Without ``--checkpoint`` a small model
+figures ``analyze_{heatmap,aggregate,gallery,audit}.png``; with ``lm --token-maps K`` also the
+token maps of the K entries largest in ``|S|`` (``token_maps/maps.npz``,
+``token_maps/ranking.json``, ``figures/token_maps/*.png``). Without ``--checkpoint`` a small model
 is trained first into ``--out``/train (with the one training loop and its checkpoints).
 
 Rerunning the same command resumes an interrupted job at its first unfinished chunk; a finished
@@ -122,6 +124,14 @@ def parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=None,
         help="use the first N probe records (default all)",
+    )
+    lm.add_argument(
+        "--token-maps",
+        type=nonneg_int,
+        default=0,
+        metavar="K",
+        help="also write the token maps of the K (pair, probe) entries largest in |influence| "
+        "(OUT/token_maps/maps.npz, ranking.json; OUT/figures/token_maps/*.png); default 0: none",
     )
     return p
 
@@ -256,6 +266,7 @@ def _run_lm(args, out: Path, mesh) -> tuple:
         opts=_opts(args, out, mesh),
         max_prompt_len=int(mpl),
         top=min(args.top_k, 3),
+        token_maps=args.token_maps,
     )
     summary["data"] = dict(
         checkpoint=str(ckpt_path),
@@ -295,22 +306,37 @@ def run(args: argparse.Namespace, argv_text: str = PROG) -> dict:
         devices=dict(count=len(devs), platform=devs[0].platform, mesh=dict(mesh.shape)),
         chunk_size=args.chunk_size,
         runtime_s=round(time.time() - t0, 1),
-        figures=[f"analyze_{name}.png" for name in figs],
+        figures=[_figure_path(name) for name in figs],
     )
     footer = (
         f"{argv_text}  |  {machine['processor']}, {machine['cpus_available']} CPUs, jax "
         f"{machine['jax']} ({machine['backend']}), {len(devs)} devices  |  eta {summary['eta']:.3g}"
         f", audit median rel. error {summary['audit'].get('median_rel_error', float('nan')):.2e}"
     )
+    keep = {out / _figure_path(name) for name in figs} | {out / name for name in tables}
+    for old in [*out.glob("figures/token_maps/*.png"), *out.glob("token_maps/*")]:
+        if old not in keep:  # written by an earlier --token-maps K that this run does not redo
+            old.unlink()
     for name, fig in figs.items():
-        common.save_figure(fig, out / f"analyze_{name}.png", footer=footer)
+        common.save_figure(fig, out / _figure_path(name), footer=footer)
     for name, table in tables.items():
         if isinstance(table, str):
             common.write_text(out / name, table)
+        elif name.endswith(".npz"):
+            import numpy as np  # noqa: PLC0415
+
+            with common.atomic_path(out / name) as tmp, open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **table)
         else:
             common.write_json(out / name, table)
     common.write_json(out / "summary.json", summary)
     return summary
+
+
+def _figure_path(name: str) -> str:
+    """Where figure ``name`` goes under ``--out``: ``analyze_NAME.png``, or ``figures/NAME.png``
+    for the grouped ones (``token_maps/...``)."""
+    return f"figures/{name}.png" if "/" in name else f"analyze_{name}.png"
 
 
 def _report(s: dict) -> str:

@@ -40,6 +40,7 @@ __all__ = [
     "lm_pairs",
     "lm_probes",
     "run_lm",
+    "lm_token_maps",
     "LM_LOSSES",
 ]
 
@@ -379,6 +380,7 @@ def run_lm(
     beta: float = 0.1,
     max_prompt_len: int | None = None,
     top: int = 3,
+    token_maps: int = 0,
 ) -> tuple[dict, dict, dict]:
     """The LM job: the influence of every training pair on every probe response.
 
@@ -388,6 +390,9 @@ def run_lm(
       probe_records: probe records (``prompt`` and response fields, :func:`lm_probes`).
       loss: one of :data:`LM_LOSSES`; eta: the SGD step size of the step on each pair alone.
       opts: as :func:`run_mnist`; beta: the pair losses' β.
+      token_maps: K > 0 adds the token maps of the K (pair, probe) entries largest in
+        ``|S[u, o]|`` (:func:`lm_token_maps`): figures ``token_maps/*`` and the tables
+        ``token_maps/maps.npz`` (arrays) and ``token_maps/ranking.json``.
 
     Returns:
       ``(summary, figures, tables)``; tables ``top_k.json`` and ``top_k.md`` (text).
@@ -449,6 +454,46 @@ def run_lm(
         dict(prompt=p["prompt"], chosen=p["chosen"], rejected=p.get("rejected")) for p in pairs
     ]
     table = readouts.top_k_table(tk, meta, short, k=top)
+    tables = {"top_k.json": table, "top_k.md": _markdown(table, loss)}
+    maps_summary = None
+    if token_maps:
+        maps = lm_token_maps(
+            make_apply_fn(lm_config),
+            params,
+            x_u,
+            dict(kw, **hyper),
+            loss_fn,
+            data_o,
+            s,
+            token_maps,
+            eta=eta,
+        )
+        ranking = [
+            dict(
+                rank=j,
+                u=int(u),
+                o=int(o),
+                influence=float(s[u, o]),
+                map_sum=float(maps["map_sum"][j]),
+                probe=meta[o],
+                pair=short[u],
+            )
+            for j, (u, o) in enumerate(zip(maps["u"], maps["o"]))
+        ]
+        tables["token_maps/maps.npz"] = maps
+        tables["token_maps/ranking.json"] = ranking
+        for j, (u, o) in enumerate(zip(maps["u"], maps["o"])):
+            name = f"token_maps/{j:02d}_u{u}_o{o}_{meta[o]['type']}"
+            figs[name] = _token_map_figure(maps, j, loss, meta[o]["type"])
+        rel = np.abs(maps["map_sum"] - maps["influence"]) / np.maximum(
+            np.abs(maps["influence"]), 1e-30
+        )
+        maps_summary = dict(
+            k=len(ranking),
+            ranking="the K (u, o) largest in |S[u, o]|, ties to the smaller u then o",
+            pairs=[[r["u"], r["o"]] for r in ranking],
+            max_rel_diff_sum_vs_influence=float(rel.max()),
+        )
     summary = dict(
         family="lm",
         loss=loss,
@@ -468,7 +513,99 @@ def run_lm(
             by_type=dict(rows=names, types=order_o, mean=by_type["mean"]),
         ),
     )
-    return summary, figs, {"top_k.json": table, "top_k.md": _markdown(table, loss)}
+    if maps_summary is not None:
+        summary["token_maps"] = maps_summary
+    return summary, figs, tables
+
+
+def lm_token_maps(
+    apply_fn, params, x_u, loss_kwargs: dict, loss_fn, data_o: dict, s, k: int, *, eta: float
+) -> dict:
+    """The token maps (:func:`ldjax.token_influence`) of the ``k`` (pair u, probe o) entries of
+    ``s (N_u, N_o)`` largest in ``|s|``
+    (:func:`ldjax.experiments.analyze.readouts.top_abs`), computed for the distinct chosen pairs
+    and probes only (one call).
+
+    Args:
+      apply_fn, params: the model; x_u: ``(N_u, T)`` tokens, or ``(x⁺, x⁻)`` for a pair loss.
+      loss_kwargs: the loss's keyword arguments, arrays with leading size ``N_u`` (sliced here)
+        and hyper-parameters; loss_fn: the loss; data_o: the probes' ``tokens``/``targets``/
+        ``mask`` ``(N_o, T)``; s: the influence matrix the maps decompose; eta: its step size.
+
+    Returns:
+      numpy arrays: ``u``, ``o`` ``(K,)`` (most influential first), ``influence`` ``(K,)``
+      (``s[u, o]``), ``map_pos`` ``(K, T_o, T_u)`` (the SFT map, or the y⁺ branch's) and, for a
+      pair loss, ``map_neg`` (the y⁻ branch's), ``map_sum`` ``(K,)`` (every map summed over both
+      positions and branches: ``s[u, o]`` up to round-off), the tokens ``probe_targets``/
+      ``probe_mask``, ``pos_targets``/``pos_mask`` (and ``neg_targets``/``neg_mask``) ``(K, T)``,
+      ``eta``.
+    """
+    us, os_ = readouts.top_abs(s, k)
+    uu, iu = np.unique(us, return_inverse=True)
+    oo, io = np.unique(os_, return_inverse=True)
+    pair = isinstance(x_u, tuple)
+    xs = tuple(jnp.asarray(x)[uu] for x in x_u) if pair else jnp.asarray(x_u)[uu]
+    kw = {
+        name: (np.asarray(v)[uu] if np.ndim(v) >= 1 and np.shape(v)[0] == s.shape[0] else v)
+        for name, v in loss_kwargs.items()
+    }
+    c = ldjax.token_influence(
+        apply_fn,
+        params,
+        jnp.asarray(data_o["tokens"])[oo],
+        xs,
+        loss_fn,
+        eta=eta,
+        targets_o=np.asarray(data_o["targets"])[oo],
+        mask_o=np.asarray(data_o["mask"])[oo],
+        loss_kwargs=kw,
+    )
+    branches = c if isinstance(c, tuple) else (c,)
+    picked = [np.asarray(b)[io, iu] for b in branches]  # (K, T_o, T_u) each
+    out = dict(
+        u=us,
+        o=os_,
+        influence=np.asarray(s)[us, os_],
+        map_pos=picked[0],
+        map_sum=sum(p.astype(np.float64).sum(axis=(1, 2)) for p in picked),
+        probe_targets=np.asarray(data_o["targets"])[os_],
+        probe_mask=np.asarray(data_o["mask"])[os_],
+        eta=np.float64(eta),
+    )
+    names = ("pos", "neg") if pair else ("pos",)
+    tk, mk = ("targets_pos", "mask_pos") if pair else ("targets", "mask")
+    out["pos_targets"], out["pos_mask"] = np.asarray(kw[tk])[iu], np.asarray(kw[mk])[iu]
+    if "neg" in names:
+        out["map_neg"] = picked[1]
+        out["neg_targets"] = np.asarray(kw["targets_neg"])[iu]
+        out["neg_mask"] = np.asarray(kw["mask_neg"])[iu]
+    return out
+
+
+def _token_map_figure(maps: dict, j: int, loss: str, probe_type: str):
+    """The figure of ranked entry ``j`` of :func:`lm_token_maps`: one map (SFT) or the y⁺ and y⁻
+    maps side by side (pair losses), drawn by :mod:`ldjax.experiments.lm.plots`."""
+    from ldjax.experiments.lm import plots as lm_plots  # noqa: PLC0415
+    from ldjax.lm.tokenizer import ByteTokenizer  # noqa: PLC0415
+
+    u, o = int(maps["u"][j]), int(maps["o"][j])
+    head = (
+        f"#{j}: pair u={u} on probe o={o} ({probe_type}), {loss} step η={float(maps['eta']):.3g}: "
+        f"S = {maps['influence'][j]:+.3e}, Σ C = {maps['map_sum'][j]:+.3e}"
+    )
+    probe = (maps["probe_targets"][j], maps["probe_mask"][j])
+    pos = (maps["pos_targets"][j], maps["pos_mask"][j])
+    if "map_neg" in maps:
+        return lm_plots.plot_dpo_token_maps(
+            maps["map_pos"][j],
+            maps["map_neg"][j],
+            *probe,
+            pos,
+            (maps["neg_targets"][j], maps["neg_mask"][j]),
+            ByteTokenizer(),
+            title=head,
+        )
+    return lm_plots.plot_token_map(maps["map_pos"][j], *probe, *pos, ByteTokenizer(), title=head)
 
 
 def _clip(text: str, n: int = 160) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["scores", "top_k", "aggregate", "sort_order", "top_k_table"]
+__all__ = ["scores", "top_k", "aggregate", "sort_order", "top_k_table", "top_abs"]
 
 
 def scores(delta, targets_o=None) -> np.ndarray:
@@ -134,3 +134,17 @@ def top_k_table(top: dict, probes: Sequence[dict], train: Sequence[dict], k: int
             ]
         out.append(row)
     return out
+
+
+def top_abs(s, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` entries of ``s (N_u, N_o)`` largest in ``|s|``: ``(u, o)`` index arrays ``(k',)``,
+    ``k' = min(k, s.size)``, largest first; ties go to the smaller ``u``, then the smaller ``o``
+    (a stable sort of the row-major order)."""
+    s = np.asarray(s)
+    if s.ndim != 2:
+        raise ValueError(f"s must be (N_u, N_o), got shape {s.shape}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    flat = np.argsort(-np.abs(s.astype(np.float64)).ravel(), kind="stable")[: min(k, s.size)]
+    u, o = np.unravel_index(flat, s.shape)
+    return u.astype(int), o.astype(int)
