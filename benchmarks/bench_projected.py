@@ -137,11 +137,14 @@ def error_figure(rows):
         ax.plot(ks, np.median(e, 0)[0] * np.sqrt(ks[0] / ks), ":", color="gray", label="∝ 1/√k")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        held = np.asarray(r["held"])
+        held = 100 * np.asarray(r["held"])
+        span = (
+            f"{held.min():.0f} %"
+            if held.min() == held.max()
+            else (f"{held.min():.0f}–{held.max():.0f} %")
+        )
         ax.set_title(
-            f"{r['model']}\nbound held in {100 * held.min():.0f}–{100 * held.max():.0f} % of "
-            f"{r['seeds']} seeds",
-            fontsize=9,
+            f"{r['model']}\nbound held in {span} of {r['seeds']} seeds at every k", fontsize=9
         )
         ax.set_xlabel("k (sketch dimension)")
     np.atleast_1d(axes)[0].set_ylabel("‖K̂ − K‖_F / ‖K‖_F")
