@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ldjax.experiments.followups import displacement, entanglement
-from ldjax.experiments.reproduce.claims import Claim, _get, _mean
+from ldjax.experiments.reproduce.claims import Claim, finite_mean, measurement
 from ldjax.experiments.stats import pearson, spearman
 
 __all__ = [
@@ -89,7 +89,7 @@ PAIR_CLAIMS: tuple = (
         "across pairs, the normalised eNTK entry cos(∇log π(y⁺), ∇log π(y⁻)) correlates "
         "positively with the co-movement κ = 2Δ⁺Δ⁻/(Δ⁺²+Δ⁻²) of log π(y⁺), log π(y⁻) in one "
         "DPO step on the pair (Pearson, jackknife interval)",
-        lambda m: {"Pearson(cos, κ)": (_get(m, "ent.pseudo_pearson"), +1)},
+        lambda m: {"Pearson(cos, κ)": (measurement(m, "ent.pseudo_pearson"), +1)},
         lambda m: {
             "Pearson(cos, κ)": m["ent.pearson_cos_kappa"],
             "Spearman(cos, κ)": m["ent.spearman_cos_kappa"],
@@ -103,7 +103,7 @@ PAIR_CLAIMS: tuple = (
         "'the chosen also falls' is explained by the entry: log π(y⁺) falls in the step exactly "
         "for the pairs with ⟨∇log π(y⁺), ∇log π(y⁻)⟩ > ‖∇log π(y⁺)‖², better than always "
         "guessing the majority outcome (agreement − majority rate > 0)",
-        lambda m: {"agreement − majority rate": (_get(m, "ent.agree_beyond_majority"), +1)},
+        lambda m: {"agreement − majority rate": (measurement(m, "ent.agree_beyond_majority"), +1)},
         lambda m: {
             "share of pairs whose chosen falls": m["ent.share_chosen_falls"],
             "share with ⟨g⁺,g⁻⟩ > ‖g⁺‖²": m["ent.share_condition"],
@@ -118,7 +118,7 @@ PAIR_CLAIMS: tuple = (
         "Displacement",
         "−CHES (Razin et al.) ranks the pairs by the actual Δlog π(y⁺) of a DPO step on the "
         "pair (Spearman > 0, jackknife interval)",
-        lambda m: {"Spearman(−CHES, Δ⁺)": (_get(m, "dis.pseudo_spearman_ches"), +1)},
+        lambda m: {"Spearman(−CHES, Δ⁺)": (measurement(m, "dis.pseudo_spearman_ches"), +1)},
         lambda m: {
             "Spearman(−CHES, Δ⁺)": m["dis.spearman_ches"],
             "Spearman(−ln-CHES, Δ⁺)": m["dis.spearman_ln_ches"],
@@ -131,7 +131,7 @@ PAIR_CLAIMS: tuple = (
         "Displacement",
         "ldjax's predicted Δlog π(y⁺) (the eNTK decomposition) ranks the displacing pairs "
         "better than CHES: Spearman(pred, Δ⁺) − Spearman(−CHES, Δ⁺) > 0",
-        lambda m: {"ρ(pred) − ρ(−CHES)": (_get(m, "dis.pseudo_pred_minus_ches"), +1)},
+        lambda m: {"ρ(pred) − ρ(−CHES)": (measurement(m, "dis.pseudo_pred_minus_ches"), +1)},
         lambda m: {
             "Spearman(pred, Δ⁺)": m["dis.spearman_pred"],
             "Spearman(−CHES, Δ⁺)": m["dis.spearman_ches"],
@@ -150,12 +150,12 @@ GRPO_CLAIMS: tuple = (
         "GRPO",
         "lazy likelihood displacement: in one GRPO step, the incorrect-response terms lower "
         "log π of the correct responses (⟨g_c, Δθ_incorrect⟩ < 0)",
-        lambda m: {"incorrect terms on correct": (_get(m, "grpo.incorrect_term"), -1)},
+        lambda m: {"incorrect terms on correct": (measurement(m, "grpo.incorrect_term"), -1)},
         lambda m: {
-            "correct terms on correct": _mean(_get(m, "grpo.correct_term")),
-            "incorrect terms on correct": _mean(_get(m, "grpo.incorrect_term")),
-            "predicted Δ correct": _mean(_get(m, "grpo.predicted")),
-            "actual Δ correct": _mean(_get(m, "grpo.actual")),
+            "correct terms on correct": finite_mean(measurement(m, "grpo.correct_term")),
+            "incorrect terms on correct": finite_mean(measurement(m, "grpo.incorrect_term")),
+            "predicted Δ correct": finite_mean(measurement(m, "grpo.predicted")),
+            "actual Δ correct": finite_mean(measurement(m, "grpo.actual")),
             "step-0 accuracy of samples": m["accuracy0"],
             "share of groups anchored": m["anchored0"],
         },
@@ -164,10 +164,10 @@ GRPO_CLAIMS: tuple = (
         "grpo_correct_rise",
         "GRPO",
         "over the GRPO run, log π of the tracked correct responses rises",
-        lambda m: {"Δ log π(correct), GRPO": (_get(m, "grpo.correct.change"), +1)},
+        lambda m: {"Δ log π(correct), GRPO": (measurement(m, "grpo.correct.change"), +1)},
         lambda m: {
-            "Δ correct": _mean(_get(m, "grpo.correct.change")),
-            "Δ incorrect": _mean(_get(m, "grpo.incorrect.change")),
+            "Δ correct": finite_mean(measurement(m, "grpo.correct.change")),
+            "Δ incorrect": finite_mean(measurement(m, "grpo.incorrect.change")),
             "sample accuracy first": m["grpo.reward.first"],
             "sample accuracy last": m["grpo.reward.last"],
         },
@@ -179,15 +179,15 @@ GRPO_CLAIMS: tuple = (
         "rise more than with GRPO (same group)",
         lambda m: {
             "predicted Δ correct, NTHR − GRPO": (
-                _get(m, "nthr.predicted") - _get(m, "grpo.predicted"),
+                measurement(m, "nthr.predicted") - measurement(m, "grpo.predicted"),
                 +1,
             )
         },
         lambda m: {
-            "incorrect terms, GRPO": _mean(_get(m, "grpo.incorrect_term")),
-            "incorrect terms, NTHR": _mean(_get(m, "nthr.incorrect_term")),
-            "actual Δ correct, GRPO": _mean(_get(m, "grpo.actual")),
-            "actual Δ correct, NTHR": _mean(_get(m, "nthr.actual")),
+            "incorrect terms, GRPO": finite_mean(measurement(m, "grpo.incorrect_term")),
+            "incorrect terms, NTHR": finite_mean(measurement(m, "nthr.incorrect_term")),
+            "actual Δ correct, GRPO": finite_mean(measurement(m, "grpo.actual")),
+            "actual Δ correct, NTHR": finite_mean(measurement(m, "nthr.actual")),
             "share of incorrect tokens down-weighted": m["nthr.flagged_share"],
         },
     ),
@@ -198,15 +198,15 @@ GRPO_CLAIMS: tuple = (
         "responses rises more than with GRPO",
         lambda m: {
             "Δ correct, NTHR − GRPO": (
-                _get(m, "nthr.correct.change") - _get(m, "grpo.correct.change"),
+                measurement(m, "nthr.correct.change") - measurement(m, "grpo.correct.change"),
                 +1,
             )
         },
         lambda m: {
-            "Δ correct, GRPO": _mean(_get(m, "grpo.correct.change")),
-            "Δ correct, NTHR": _mean(_get(m, "nthr.correct.change")),
-            "Δ incorrect, GRPO": _mean(_get(m, "grpo.incorrect.change")),
-            "Δ incorrect, NTHR": _mean(_get(m, "nthr.incorrect.change")),
+            "Δ correct, GRPO": finite_mean(measurement(m, "grpo.correct.change")),
+            "Δ correct, NTHR": finite_mean(measurement(m, "nthr.correct.change")),
+            "Δ incorrect, GRPO": finite_mean(measurement(m, "grpo.incorrect.change")),
+            "Δ incorrect, NTHR": finite_mean(measurement(m, "nthr.incorrect.change")),
             "sample accuracy last, GRPO": m["grpo.reward.last"],
             "sample accuracy last, NTHR": m["nthr.reward.last"],
         },

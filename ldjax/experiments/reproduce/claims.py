@@ -166,25 +166,25 @@ class Claim:
     context: Callable[[Mapping], dict]
 
 
-def _get(m, key):
+def measurement(m, key):
     if key not in m:
         raise KeyError(f"measurement {key!r} is missing (have {len(m)} keys)")
     return np.asarray(m[key], np.float64)
 
 
-def _mean(a) -> float:
+def finite_mean(a) -> float:
     a = np.asarray(a, np.float64)
     return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
 
 
 def _sign(run, s, t, metric, sign, label):
     def effects(m):
-        return {f"Δ {label}": (_get(m, f"{run}.{s}.{t}.{metric}.change"), sign)}
+        return {f"Δ {label}": (measurement(m, f"{run}.{s}.{t}.{metric}.change"), sign)}
 
     def context(m):
         return {
-            f"{t} first": _mean(_get(m, f"{run}.{s}.{t}.{metric}.first")),
-            f"{t} last": _mean(_get(m, f"{run}.{s}.{t}.{metric}.last")),
+            f"{t} first": finite_mean(measurement(m, f"{run}.{s}.{t}.{metric}.first")),
+            f"{t} last": finite_mean(measurement(m, f"{run}.{s}.{t}.{metric}.last")),
         }
 
     return effects, context
@@ -197,11 +197,11 @@ def _natural_lowest(m):
         {k.split(".")[2] for k in m if k.startswith("sft.train.") and k.endswith(".logp_sum.last")}
     )
     natural = [t for t in types if t not in NATURAL_EXCLUDE and t != "others"]
-    low = _get(m, "sft.train.random_nonhum.logp_sum.last")
-    vals = {t: _get(m, f"sft.train.{t}.logp_sum.last") for t in natural}
+    low = measurement(m, "sft.train.random_nonhum.logp_sum.last")
+    vals = {t: measurement(m, f"sft.train.{t}.logp_sum.last") for t in natural}
     if not vals:
         raise KeyError("no natural-language probe type measured in run 'sft'")
-    lowest = min(vals, key=lambda t: _mean(vals[t]))
+    lowest = min(vals, key=lambda t: finite_mean(vals[t]))
     return low, lowest, vals[lowest]
 
 
@@ -212,48 +212,62 @@ def _nonhum_lowest_effects(m):
 
 def _nonhum_lowest_context(m):
     low, _, nat = _natural_lowest(m)
-    return {"random_nonhum last": _mean(low), "lowest natural-language type last": _mean(nat)}
+    return {
+        "random_nonhum last": finite_mean(low),
+        "lowest natural-language type last": finite_mean(nat),
+    }
 
 
 def _dpo_learns_effects(m):
     return {
-        "DPO loss last − first": (_get(m, "dpo.loss.last") - _get(m, "dpo.loss.first"), -1),
-        "margin last − first": (_get(m, "dpo.margin.last") - _get(m, "dpo.margin.first"), +1),
+        "DPO loss last − first": (
+            measurement(m, "dpo.loss.last") - measurement(m, "dpo.loss.first"),
+            -1,
+        ),
+        "margin last − first": (
+            measurement(m, "dpo.margin.last") - measurement(m, "dpo.margin.first"),
+            +1,
+        ),
     }
 
 
 def _dpo_learns_context(m):
     return {
-        "DPO loss first": _mean(_get(m, "dpo.loss.first")),
-        "DPO loss last": _mean(_get(m, "dpo.loss.last")),
-        "margin first": _mean(_get(m, "dpo.margin.first")),
-        "margin last": _mean(_get(m, "dpo.margin.last")),
+        "DPO loss first": finite_mean(measurement(m, "dpo.loss.first")),
+        "DPO loss last": finite_mean(measurement(m, "dpo.loss.last")),
+        "margin first": finite_mean(measurement(m, "dpo.margin.first")),
+        "margin last": finite_mean(measurement(m, "dpo.margin.last")),
     }
 
 
 def _rejected_faster_effects(m):
-    r = _get(m, "dpo.train.rejected.logp_sum.change")
-    c = _get(m, "dpo.train.chosen.logp_sum.change")
+    r = measurement(m, "dpo.train.rejected.logp_sum.change")
+    c = measurement(m, "dpo.train.chosen.logp_sum.change")
     return {"Δ rejected": (r, -1), "Δ rejected − Δ chosen": (r - c, -1)}
 
 
 def _rejected_faster_context(m):
     return {
-        "Δ rejected": _mean(_get(m, "dpo.train.rejected.logp_sum.change")),
-        "Δ chosen": _mean(_get(m, "dpo.train.chosen.logp_sum.change")),
+        "Δ rejected": finite_mean(measurement(m, "dpo.train.rejected.logp_sum.change")),
+        "Δ chosen": finite_mean(measurement(m, "dpo.train.chosen.logp_sum.change")),
     }
 
 
 def _most_fall_effects(m):
     return {
-        "share of other types that fall − ½": (_get(m, "dpo.train.others.fall_share") - 0.5, +1)
+        "share of other types that fall − ½": (
+            measurement(m, "dpo.train.others.fall_share") - 0.5,
+            +1,
+        )
     }
 
 
 def _most_fall_context(m):
     return {
-        "share of other types that fall": _mean(_get(m, "dpo.train.others.fall_share")),
-        "mean Δ of other types": _mean(_get(m, "dpo.train.others.logp_sum.change")),
+        "share of other types that fall": finite_mean(
+            measurement(m, "dpo.train.others.fall_share")
+        ),
+        "mean Δ of other types": finite_mean(measurement(m, "dpo.train.others.logp_sum.change")),
     }
 
 
@@ -262,28 +276,42 @@ def _compare(key_a, key_b, name_a, name_b, greater: bool, label: str = ""):
 
     def effects(m):
         return {
-            label or f"{name_a} − {name_b}": (_get(m, key_a) - _get(m, key_b), 1 if greater else -1)
+            label or f"{name_a} − {name_b}": (
+                measurement(m, key_a) - measurement(m, key_b),
+                1 if greater else -1,
+            )
         }
 
     def context(m):
-        return {name_a: _mean(_get(m, key_a)), name_b: _mean(_get(m, key_b))}
+        return {
+            name_a: finite_mean(measurement(m, key_a)),
+            name_b: finite_mean(measurement(m, key_b)),
+        }
 
     return effects, context
 
 
 def _longer_sft_effects(m):
     # squeeze = how much the other types decay during DPO (−mean Δ log π)
-    sl = -_get(m, "dpo_long.train.others.logp_sum.change")
-    sb = -_get(m, "dpo.train.others.logp_sum.change")
+    sl = -measurement(m, "dpo_long.train.others.logp_sum.change")
+    sb = -measurement(m, "dpo.train.others.logp_sum.change")
     return {"decay of others, long − baseline SFT": (sl - sb, +1)}
 
 
 def _longer_sft_context(m):
     return {
-        "decay of others, long SFT": -_mean(_get(m, "dpo_long.train.others.logp_sum.change")),
-        "decay of others, baseline SFT": -_mean(_get(m, "dpo.train.others.logp_sum.change")),
-        "Δ argmax path, long": _mean(_get(m, "dpo_long.train.chosen.argmax_path.change")),
-        "Δ argmax path, baseline": _mean(_get(m, "dpo.train.chosen.argmax_path.change")),
+        "decay of others, long SFT": -finite_mean(
+            measurement(m, "dpo_long.train.others.logp_sum.change")
+        ),
+        "decay of others, baseline SFT": -finite_mean(
+            measurement(m, "dpo.train.others.logp_sum.change")
+        ),
+        "Δ argmax path, long": finite_mean(
+            measurement(m, "dpo_long.train.chosen.argmax_path.change")
+        ),
+        "Δ argmax path, baseline": finite_mean(
+            measurement(m, "dpo.train.chosen.argmax_path.change")
+        ),
     }
 
 
@@ -509,7 +537,7 @@ def evaluate_claims(
                 {
                     "name": name,
                     **r,
-                    "seed_effects": [_mean(x) for x in d],
+                    "seed_effects": [finite_mean(x) for x in d],
                     "d": [[float(v) for v in x] for x in d],
                 }
             )
