@@ -56,6 +56,7 @@ def test_transformer_dpo_error_falls_as_eta_squared_and_splits_in_two_terms():
         assert rel(d.delta_logp_linear, sum(d.delta_logp_linear_terms)) <= 1e-12
 
 
+@pytest.mark.slow  # > 10 s on 2 cores
 def test_blocks_method_equals_vector_products():
     with precision("float64"):
         f, p, xo, xu = small_model("transformer", jnp.float64)

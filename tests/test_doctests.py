@@ -15,7 +15,7 @@ MODULES = [
     "ldjax._src.logit_gradient",
     "ldjax._src.losses",
     "ldjax._src.projected",
-    "ldjax._src.token_influence",
+    pytest.param("ldjax._src.token_influence", marks=pytest.mark.slow),  # ~19 s of compiles
     "ldjax.training.config",
     "ldjax.experiments.stats",
 ]

@@ -24,8 +24,8 @@ TOL = {"float32": 1e-5, "float64": 1e-10}
     [
         ("mlp", "float32"),
         ("mlp", "float64"),
-        ("lenet", "float64"),
-        ("transformer", "float64"),
+        pytest.param("lenet", "float64", marks=pytest.mark.slow),  # ~18 s; golden values: fast
+        pytest.param("transformer", "float64", marks=pytest.mark.slow),  # ~40 s
         pytest.param("lenet", "float32", marks=pytest.mark.slow),
         pytest.param("transformer", "float32", marks=pytest.mark.slow),
     ],
@@ -66,7 +66,9 @@ def test_float32_long_sequence():
         assert rel(K, K64) <= 1e-5, (impl, rel(K, K64))
 
 
-@pytest.mark.parametrize("bias,transposed", [(True, False), (False, True)])
+@pytest.mark.parametrize(
+    "bias,transposed", [pytest.param(True, False, marks=pytest.mark.slow), (False, True)]
+)
 def test_head_factorisation(bias, transposed):
     """z = x̃ W̃ with C < V: structured K = Wᵀ K_x W + ⟨x̃_o, x̃_u⟩ I equals the definition."""
     from ldjax._src import entk as ntk
@@ -122,7 +124,12 @@ def test_xla_cpu_reduction_workaround_is_active():
 
 
 @pytest.mark.parametrize(
-    "model,impl", [("mlp", "jacobian"), ("mlp", "vp"), ("transformer", "structured")]
+    "model,impl",
+    [
+        ("mlp", "jacobian"),
+        ("mlp", "vp"),
+        pytest.param("transformer", "structured", marks=pytest.mark.slow),
+    ],
 )
 def test_reductions_are_named_and_undivided(model, impl):
     with precision("float64"):
@@ -139,7 +146,9 @@ def test_reductions_are_named_and_undivided(model, impl):
             assert rel(got, w) <= 1e-10, (red, rel(got, w))
 
 
-@pytest.mark.parametrize("impl", ["jacobian", "vp", "structured"])
+@pytest.mark.parametrize(
+    "impl", ["jacobian", pytest.param("vp", marks=pytest.mark.slow), "structured"]
+)
 def test_masks_and_chunking(impl):
     """Masked positions are the m-th selected position; a tiny memory budget changes nothing."""
     with precision("float64"):

@@ -90,6 +90,7 @@ def test_float32_pairs_equal_decompose():
         assert rel(inf.delta[u], d.delta_logp_linear) < 1e-5
 
 
+@pytest.mark.slow  # > 10 s on 2 cores
 def test_sequences_sum_per_token_and_dpo_terms_equal_decompose():
     with precision("float64"):
         f, p, x_o, x_u = small_model("transformer", "float64")
@@ -352,6 +353,7 @@ def test_default_mesh_axes():
     assert zoo is not None
 
 
+@pytest.mark.slow  # > 10 s on 2 cores
 def test_optimizer_step_per_example_equals_decompose_with_the_optimizer():
     import optax
 

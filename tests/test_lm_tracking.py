@@ -60,6 +60,7 @@ def test_probe_stats_equal_hand_computation():
     assert got["except_argmax"][0] < -20  # log(1 − max π) ≈ −30 + log 6 at the peaked position
 
 
+@pytest.mark.slow  # > 10 s on 2 cores
 def test_tracker_matches_direct_computation(probes, p0, tmp_path):
     train, test = probes
     tr = ProbeTracker(
@@ -156,6 +157,7 @@ def test_tracker_errors(probes):
         tr.arrays("train", "logp_sum")
 
 
+@pytest.mark.slow  # > 10 s on 2 cores
 def test_one_step_error_falls_like_eta_squared(probes):
     """float64: the eNTK-step error is O(η²) (slope ≈ 2), the relative error of Δ log π O(η)."""
     cfg = PipelineConfig(

@@ -142,6 +142,7 @@ def test_step_tracker_without_momentum_is_the_sgd_step():
     np.testing.assert_allclose(acc["pred_sum"], acc["pred_sum_momentum"])
 
 
+@pytest.mark.slow  # trains 24 steps with the tracker: ~20 s
 def test_step_tracker_predicts_the_real_momentum_update():
     """The paper's optimizer (momentum 0.9, weight decay 5e-4): the optimizer-aware prediction
     follows the real update step by step (error O(Δθ²)), the plain-SGD prediction does not once
