@@ -309,6 +309,7 @@ def test_kernel_ranking_is_stable_late(run):
     assert iv["spearman"] > 0.3 and iv["pearson"] > 0.3  # measured 0.55 and 0.50
 
 
+@pytest.mark.slow  # ~20 s: trains and analyses
 def test_cli_end_to_end_tiny(tmp_path, capsys):
     """``ldjax mnist`` on the embedded digits, tiny: summary.json and the five figures."""
     from ldjax.experiments.mnist import cli
