@@ -35,7 +35,7 @@ def _random_pre(p, seed=0):
     )
 
 
-@pytest.mark.parametrize("model", ["mlp", "transformer"])
+@pytest.mark.parametrize("model", ["mlp", pytest.param("transformer", marks=pytest.mark.slow)])
 def test_preconditioned_entk_equals_its_definition(model):
     with precision("float64"):
         f, p, x_o, x_u = small_model(model, "float64")
@@ -105,6 +105,7 @@ def test_sgd_momentum_prediction_is_exact_to_first_order_and_error_falls_as_eta_
         assert rel(d.delta_logits_terms[0], sgd.delta_logits_terms[0]) < 1e-10
 
 
+@pytest.mark.slow  # > 10 s on 2 cores
 def test_adam_exact_update_against_the_kernel_linearised_at_the_state():
     with precision("float64"):
         f, p, x_o, x_u = small_model("mlp", "float64")
@@ -142,6 +143,7 @@ def test_adam_exact_update_against_the_kernel_linearised_at_the_state():
         assert rel(db.delta_logits, dv.delta_logits) < 1e-10
 
 
+@pytest.mark.slow  # > 10 s on 2 cores
 def test_dpo_terms_stay_apart_and_sum_with_the_carry_to_the_update():
     with precision("float64"):
         f, p, x_o, x_u = small_model("transformer", "float64")
