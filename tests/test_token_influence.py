@@ -21,6 +21,7 @@ def _at_targets(delta, y, m):
     )
 
 
+@pytest.mark.slow  # ~17 s of float64 compiles
 def test_maps_sum_to_the_decomposition_per_branch():
     with precision("float64"):
         f, p, x_o, x_u = small_model("transformer", "float64")
