@@ -22,7 +22,7 @@ TOL = {"float32": 1e-5, "float64": 1e-10}
 @pytest.mark.parametrize(
     "model,dtype",
     [
-        ("mlp", "float32"),
+        pytest.param("mlp", "float32", marks=pytest.mark.slow),  # float64 below: the fast check
         ("mlp", "float64"),
         pytest.param("lenet", "float64", marks=pytest.mark.slow),  # ~18 s; golden values: fast
         pytest.param("transformer", "float64", marks=pytest.mark.slow),  # ~40 s
@@ -194,7 +194,9 @@ def test_causal_block_is_zero_above_the_diagonal_for_shared_prefix_free_params()
         assert np.all(np.diag(np.asarray(tr)) > 0)  # ‖J_m‖² > 0 on the diagonal
 
 
-@pytest.mark.parametrize("name", ["mlp", "lenet", "transformer"])
+@pytest.mark.parametrize(
+    "name", ["mlp", "lenet", pytest.param("transformer", marks=pytest.mark.slow)]
+)
 def test_equals_neural_tangents_golden(name):
     """K from neural-tangents 0.6.5 (all three implementations, trace_axes=()), made in the peer
     venv."""
@@ -221,6 +223,7 @@ def test_equals_neural_tangents_golden(name):
             assert rel(K, arrays["K"]) <= 1e-10, (impl, rel(K, arrays["K"]))
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_entk_vp_equals_K_times_v():
     with precision("float64"):
         for model in ["mlp", "transformer"]:
@@ -253,6 +256,7 @@ class _LinenNet(nn.Module):
         return nn.Dense(4)(x)
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_flax_linen_only_params_are_trainable():
     with precision("float64"):
         m = _LinenNet()
@@ -273,6 +277,7 @@ def test_flax_linen_only_params_are_trainable():
         assert n_params == 5 * 8 + 8 + 8 * 2 + 8 * 4 + 4
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_flax_nnx_model():
     with precision("float64"):
 

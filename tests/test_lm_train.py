@@ -45,6 +45,7 @@ def _leaves_equal(a, b):
     )
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_resume_after_checkpoint_is_bit_identical(records, p0, tmp_path):
     cfg = SFTConfig(lr=3e-3, warmup=2, batch_size=4, steps=8, epochs=0.0, ckpt_every=4, seed=1)
     full = T.sft(p0, LM, records, cfg, max_prompt_len=PL, progress=False)
@@ -89,6 +90,7 @@ def test_resume_after_checkpoint_is_bit_identical(records, p0, tmp_path):
         )
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_sft_step_uses_engine_loss_and_response_mask(records, p0):
     """With SGD (no warm-up, no clip) one step is θ − η ∇[Σ_n sft_n / Σ mask]; the logged loss
     is −Σ sequence_logprob / Σ mask and only response positions count."""
@@ -157,6 +159,7 @@ def test_pair_hyperparameters_reach_the_engine_loss(loss):
     assert not np.allclose(got, losses.PAIRWISE[loss](zp, zn, **kw))  # the defaults differ
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 @pytest.mark.parametrize("loss", ["dpo"])
 def test_preference_loss_is_engine_loss(records, p0, loss):
     ref = init_params(LM, jax.random.PRNGKey(5))  # a reference unlike the policy: r± ≠ 0
@@ -191,6 +194,7 @@ def test_preference_loss_is_engine_loss(records, p0, loss):
     assert abs(res.history["margin"][0]) > 1e-3  # the reference really entered
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_on_policy_negatives_are_model_samples(records, p0):
     cfg = PreferenceConfig(
         on_policy=True, lr=1e-3, warmup=0, batch_size=4, steps=1, epochs=0.0, max_new_tokens=12

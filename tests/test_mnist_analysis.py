@@ -102,6 +102,7 @@ def test_influence_vs_kernel_integral():
         an.influence_vs_kernel(infl, dict(steps=steps[:1], norms=norms[:1]))
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_kernel_class_norms_from_engine_blocks():
     x, y = load_default("test")
     idx = an.pick_per_class(y, 5)  # 50 digits: the shapes of the claims' kernel set (one compile)
@@ -121,6 +122,7 @@ def test_kernel_class_norms_from_engine_blocks():
         an.kernel_class_norms(F, params, xs[:10], ys[:10])
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_step_tracker_without_momentum_is_the_sgd_step():
     """μ = wd = 0: the real update is the plain-SGD step, so the tracker's two actuals coincide;
     the per-step actuals telescope to log π_T − log π_0."""

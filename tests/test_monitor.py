@@ -68,6 +68,7 @@ def _probes(key, n=3):
     return {"tokens": jax.random.normal(key, (n, T, D)), "mask": jnp.ones((n, T))}
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_numbers_match_the_decomposition():
     key = jax.random.PRNGKey(0)
     params, batch, probes = _params(key, 2.0), _dpo_batch(key), _probes(jax.random.PRNGKey(1))

@@ -67,6 +67,7 @@ def _warm_state(tx, f, p, x, y, steps=3):
     return state
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_sgd_momentum_prediction_is_exact_to_first_order_and_error_falls_as_eta_squared():
     with precision("float64"):
         f, p, x_o, x_u = small_model("mlp", "float64")
@@ -175,6 +176,7 @@ def test_dpo_terms_stay_apart_and_sum_with_the_carry_to_the_update():
         assert ldjax.compare(d, a).entk_step < 1e-2
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_actual_step_continues_the_optimizer_state_and_bad_combinations_are_errors():
     f, p, x_o, x_u = small_model("mlp", "float32")
     y = jnp.array([1, 3])

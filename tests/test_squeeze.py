@@ -291,6 +291,7 @@ def test_bad_inputs_raise_clear_errors():
         toy.spearman(np.ones(5), np.arange(5))
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_cli_writes_summary_and_figures(tmp_path, capsys):
     figs = tmp_path / "figs"
     rc = cli.main(

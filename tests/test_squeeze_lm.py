@@ -68,6 +68,7 @@ def setup():
         yield out
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_y_neg_term_lowers_logp_neg_by_its_closed_form(setup):
     """Δθ⁻ = −η β(1−a) ∇θ log π(y⁻|x) (a = 1/2 at the first DPO step), so the y⁻ term's linear
     change on x⁻ is Σ_m [A·Δz⁻]_{y⁻_m} = −η β(1−a) ‖∇θ log π(y⁻)‖² = −‖Δθ⁻‖²/(ηβ(1−a)) < 0; likewise
@@ -163,6 +164,7 @@ def test_position_effect_matches_toy_closed_form():
         lm.position_effect(z, z, y[:3])
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_save_load_lm_and_pipeline_checkpoints(tmp_path):
     """One LM weight format (orbax, ldjax.lm.checkpoint): save_lm round trip with its config; the
     pipeline's checkpoints read with the config of the run's config.json, or of the phase's

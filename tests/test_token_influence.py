@@ -65,6 +65,7 @@ def test_maps_sum_to_the_decomposition_per_branch():
             assert rel(c.sum(axis=(1, 3)), _at_targets(term, y_o, m_o)) < 1e-10
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_a_repeated_phrase_puts_its_largest_entries_on_the_matching_positions():
     tok = ByteTokenizer()
     cfg = LMConfig(d_model=32, n_heads=2, n_layers=2, d_ff=64, max_len=96)
