@@ -66,6 +66,7 @@ def test_float32_long_sequence():
         assert rel(K, K64) <= 1e-5, (impl, rel(K, K64))
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 @pytest.mark.parametrize(
     "bias,transposed", [pytest.param(True, False, marks=pytest.mark.slow), (False, True)]
 )
@@ -146,6 +147,7 @@ def test_reductions_are_named_and_undivided(model, impl):
             assert rel(got, w) <= 1e-10, (red, rel(got, w))
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 @pytest.mark.parametrize(
     "impl", ["jacobian", pytest.param("vp", marks=pytest.mark.slow), "structured"]
 )

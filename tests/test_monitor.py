@@ -164,6 +164,7 @@ def _loop(spec, params, steps, every=2, lr=0.05):
     return mon, r
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_fires_on_off_policy_dpo_and_stays_quiet_on_sft():
     peaky = _params(jax.random.PRNGKey(0), peak=4.0)  # π peaks on token V-1; y⁻ never is it
     flat = jax.tree_util.tree_map(lambda a: 0.05 * a, _params(jax.random.PRNGKey(0)))

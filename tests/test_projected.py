@@ -119,6 +119,7 @@ def test_hutchinson_trace_is_unbiased():
     assert 0.7 < np.median(ratio) < 1.3, ratio
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_sketch_is_nested_and_shared():
     """The first k coordinates of a bigger sketch are the k sketch; K̂(x, x) from one feature set
     equals the one from two (same key, same sketch on both sides)."""
@@ -148,6 +149,7 @@ def test_kernel_vector_against_entk_vp():
     assert np.mean(z < 1.96) > 0.85 and z.max() < 6
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_stored_features_equal_recomputed_and_resume(tmp_path):
     f, p, x_o, x_u = small_model("mlp", jnp.float32)
     key = jax.random.key(5)

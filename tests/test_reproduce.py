@@ -411,6 +411,7 @@ def test_preference_trains_on_the_first_n_pairs_only():
         PreferenceConfig(n_pairs=4, batch_size=8)
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_preference_n_pairs_uses_the_first_records():
     import jax
 

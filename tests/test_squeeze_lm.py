@@ -93,6 +93,7 @@ def test_y_neg_term_lowers_logp_neg_by_its_closed_form(setup):
     assert s["target_logp_sum_after"] < s["target_logp_sum_before"]
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_prediction_matches_actual_step_and_error_is_first_order(setup):
     """The linear prediction A·(Δz⁺ + Δz⁻) of Δlog π matches one real SGD step (ldjax.actual_step)
     on the response positions to < 1 % at the auto η (measured: 0.34 % on x⁻ and on x⁺), and the
