@@ -176,6 +176,7 @@ def test_masks_and_chunking(impl):
         assert rel(chunked, want) <= 1e-10
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_last_token_block_and_symmetry():
     with precision("float64"):
         f, p, xo, _ = small_model("transformer", jnp.float64)
@@ -187,6 +188,7 @@ def test_last_token_block_and_symmetry():
         assert rel(K, np.transpose(np.asarray(K), (1, 0, 3, 2))) <= 1e-12
 
 
+@pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min
 def test_causal_block_is_zero_above_the_diagonal_for_shared_prefix_free_params():
     """A per-token block K_{m,l}(x, x) is non-zero for every pair: positions share parameters."""
     with precision("float64"):

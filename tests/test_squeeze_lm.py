@@ -20,6 +20,8 @@ from ldjax.experiments.squeeze import lm
 from ldjax.lm.model import LMConfig, init_params
 from ldjax.lm.tokenizer import ByteTokenizer
 
+pytestmark = pytest.mark.slow  # a small LM trained in a fixture (~9 s on 2 cores)
+
 TOK = ByteTokenizer()
 CFG = LMConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=48, dtype=jnp.float64)
 SEQ = SeqConfig(max_len=48, max_prompt_len=16)
