@@ -80,6 +80,15 @@ inf = ldjax.influence(
     kernel_norms=True,
     audit_size=4,
 )
+# the job ran where it was asked to, and what it returns is whole: a failed check exits non-zero,
+# which fails the calling test before it compares any number
+assert jax.device_count() == args.devices * args.num_processes, jax.device_count()
+want = {"u": args.devices * args.num_processes // args.o_devices}
+want.update({"o": args.o_devices} if args.o_devices > 1 else {})
+assert dict(mesh.shape) == want, (dict(mesh.shape), want)
+assert inf.delta.shape == (args.n_u, x_o.shape[0], 10), inf.delta.shape
+assert inf.kernel_fro.shape == (args.n_u, x_o.shape[0]), inf.kernel_fro.shape
+assert np.isfinite(np.asarray(inf.delta)).all() and np.isfinite(inf.audit["rel_error"]).all()
 if args.npz and jax.process_index() == 0:
     np.savez(
         args.npz,

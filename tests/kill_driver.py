@@ -98,6 +98,11 @@ def main() -> None:
         return
     resumed = run(a.phase, a.ckpt_dir, resume=True)
     full = run(a.phase, None)
+    # both runs end on the same parameter tree, finite: the test then compares them bitwise
+    r, f = _flat(resumed), _flat(full)
+    assert r.keys() == f.keys(), sorted(set(r) ^ set(f))
+    for k in r:
+        assert r[k].shape == f[k].shape and np.isfinite(r[k]).all(), k
     arrays = {f"resumed{k}": v for k, v in _flat(resumed).items()}
     arrays.update({f"full{k}": v for k, v in _flat(full).items()})
     np.savez(a.resume, **arrays)
