@@ -346,6 +346,34 @@ def fingerprint(tree) -> str:
     return h.hexdigest()
 
 
+def optimizer_fingerprint(optimizer, opt_state, params, seed: int = 0) -> str:
+    """SHA-256 of what an optax optimizer does at its state: its update of a fixed pseudo-random
+    gradient and of a zero one (the carry-over), rounded to 15 bits of mantissa.
+
+    An optax ``GradientTransformation`` is a pair of closures whose ``repr`` holds a memory address
+    (another each time it is built), so it cannot name the job; its updates can: two optimizers
+    with another learning rate, momentum, decay or ε give other updates, the same optimizer built
+    again gives the same. The rounding keeps the fingerprint across machines whose last bits
+    differ.
+    """
+    params = jax.device_get(params)
+    opt_state = jax.device_get(opt_state)
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    g = jax.tree_util.tree_unflatten(
+        treedef, [rng.standard_normal(np.shape(a)).astype(np.asarray(a).dtype) for a in leaves]
+    )
+    zeros = jax.tree_util.tree_map(np.zeros_like, g)
+    h = hashlib.sha256()
+    for grad in (g, zeros):
+        upd = jax.device_get(optimizer.update(grad, opt_state, params)[0])
+        for a in jax.tree_util.tree_leaves(upd):
+            bits = np.ascontiguousarray(np.asarray(a, np.float32)).view(np.uint32) >> 8
+            h.update(f"{np.shape(a)}".encode())
+            h.update(bits.tobytes())
+    return h.hexdigest()
+
+
 def default_mesh(devices=None, o_devices: int = 1) -> Mesh:
     """A mesh over ``devices`` (default: all, every process's) with axes ``("u",)`` or, with
     ``o_devices > 1``, ``("u", "o")`` — U sharded over ``len(devices) / o_devices`` devices and O
@@ -622,7 +650,9 @@ def influence(
             kernel_norms=bool(kernel_norms),
             mesh=dict(mesh.shape),
             dtype=str(dtype),
-            optimizer=None if optimizer is None else repr(optimizer.update),
+            optimizer=(
+                None if optimizer is None else optimizer_fingerprint(optimizer, opt_state, theta)
+            ),
         )
         if optimizer is not None:
             fp["opt_state"] = fingerprint(opt_state)
