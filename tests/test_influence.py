@@ -31,8 +31,16 @@ def _seq_readout(d, y_o, m_o, per_token=False):
     return lin if per_token else lin.sum(-1)
 
 
-@pytest.mark.parametrize("method", ["gram", "jvp"])
-def test_classifier_pairs_equal_decompose_and_kernel_norms_equal_entk(method):
+@pytest.mark.parametrize("method", ["gram", "jvp", "jvp-bounded"])
+def test_classifier_pairs_equal_decompose_and_kernel_norms_equal_entk(method, monkeypatch):
+    mapped = []
+    budget = {}
+    if method == "jvp-bounded":  # a budget for one direction at a time: lax.map over them
+        method, budget = "jvp", dict(memory_budget=1)
+        real_map = jax.lax.map
+        monkeypatch.setattr(
+            jax.lax, "map", lambda *a, **k: mapped.append(k["batch_size"]) or real_map(*a, **k)
+        )
     with precision("float64"):
         f, p, x_o, x_u = small_model("mlp", "float64")
         x_u = jnp.concatenate([x_u, 0.5 * x_u[::-1] + 0.1])
@@ -50,8 +58,10 @@ def test_classifier_pairs_equal_decompose_and_kernel_norms_equal_entk(method):
             method=method,
             chunk_size=3,
             kernel_norms=method == "gram",
+            **budget,
         )
         assert inf.delta.shape == (4, 3, 5) and inf.readout == "class"
+        assert mapped == ([1] if budget else [])  # traced once: the chunk program
         for u in range(4):
             d = ldjax.decompose(
                 f,
