@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import gc
 import os
 
 import jax
@@ -108,3 +109,38 @@ def small_model(name, dtype, key=0):
             jnp.asarray(rng.integers(0, 13, (2, 7)), jnp.int32),
         )
     raise ValueError(name)
+
+
+def _max_map_count() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return 65530
+
+
+MAP_LIMIT = _max_map_count()
+
+
+def _map_count() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as fh:
+            return sum(1 for _ in fh)
+    except OSError:
+        return 0
+
+
+def pytest_runtest_teardown(item):
+    """Free the compiled programs when the process nears the kernel's limit on memory mappings.
+
+    Every executable XLA:CPU compiles maps its code; a session that keeps thousands of them alive
+    (the slow tier: ~800 mappings per test) reaches ``vm.max_map_count`` (65,530), the next
+    ``mmap`` of the compiler fails and the process dies of a segmentation fault inside
+    ``backend_compile_and_load`` (CI, 2026-12-02, at the 81st slow test). Past 60 % of the limit
+    the jit caches are cleared: later tests recompile, nothing is shared wrongly.
+    """
+    if _map_count() > 0.6 * MAP_LIMIT:
+        import jax  # noqa: PLC0415
+
+        jax.clear_caches()
+        gc.collect()
