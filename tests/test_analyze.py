@@ -214,3 +214,59 @@ def test_cli_lm_end_to_end(tmp_path):
     assert len(pngs) == 3 and all(p.stat().st_size > 1000 for p in pngs)
     bad = _cli("lm", "--checkpoint", out / "train", "--pairs", tmp_path / "none.jsonl")
     assert bad.returncode == 2 and "none.jsonl" in bad.stderr
+
+
+@pytest.mark.slow  # ~20 s on 2 cores: a one-epoch training run, then two influence jobs
+def test_mnist_step_by_the_runs_optimizer_is_its_sgd_part_plus_the_carry(tmp_path, capsys):
+    """SGD momentum + weight decay is linear in the gradient: u's part of the run's own update
+    is exactly plain SGD at η = lr_t / B on u, and the carry-over (momentum, decay) comes apart."""
+    from ldjax.data.mnist import load_default
+    from ldjax.experiments.analyze import cli
+    from ldjax.mnist.train import TrainConfig, train
+
+    xi, yi = load_default("train")
+    cfg = TrainConfig(n_train=64, epochs=1, batch_size=32, lr=0.05, schedule="constant")
+    train(cfg, xi, yi, ckpt_dir=tmp_path / "ckpt", progress=False)
+    ck = pipeline.load_mnist_checkpoint(tmp_path / "ckpt", optimizer=True)
+    leaves = [np.asarray(a) for a in __import__("jax").tree_util.tree_leaves(ck["opt_state"])]
+    assert any(a.ndim > 0 and np.abs(a).max() > 0 for a in leaves)  # the momentum was restored
+    pre = ldjax.preconditioner(ck["optimizer"], ck["opt_state"], ck["params"])
+    lr_t = float(np.asarray(__import__("jax").tree_util.tree_leaves(pre)[0]).ravel()[0])
+    assert lr_t == pytest.approx(cfg.lr, rel=1e-6)  # a constant schedule
+    mesh = ldjax.default_mesh()
+    train_set, probes = (xi[:12], yi[:12]), (xi[100:106], yi[100:106])
+
+    def opts(name):
+        return dict(chunk_size=6, mesh=mesh, out=tmp_path / name, audit=3, seed=0)
+
+    s_opt, _, _ = pipeline.run_mnist(ck, train_set, probes, eta=None, opts=opts("opt"))
+    s_sgd, _, _ = pipeline.run_mnist(
+        ck, train_set, probes, eta=lr_t / cfg.batch_size, opts=opts("sgd")
+    )
+    d_opt = np.asarray(ldjax.load_influence(tmp_path / "opt" / "influence")["delta"])
+    d_sgd = np.asarray(ldjax.load_influence(tmp_path / "sgd" / "influence")["delta"])
+    assert np.linalg.norm(d_opt - d_sgd) <= 1e-5 * np.linalg.norm(d_sgd)
+    # the audit (u's part + the carry against the real optimizer step) stays first-order small
+    assert s_opt["audit"]["median_rel_error"] < 0.05 and s_opt["eta"] is None
+    assert s_opt["carry"]["max"] != 0.0 and "optimizer" in s_opt["step"]
+    # a cosine run's last checkpoint has learning rate 0: refused, not a silent zero
+    train(cfg.replace(schedule="cosine"), xi, yi, ckpt_dir=tmp_path / "cos", progress=False)
+    with pytest.raises(ValueError, match="learning rate is 0 at epoch 1.*--epoch"):
+        pipeline.load_mnist_checkpoint(tmp_path / "cos", optimizer=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint of epoch 3"):
+        pipeline.load_mnist_checkpoint(tmp_path / "cos", epoch=3)
+    # --eta with --step optimizer is a usage error naming both
+    code = cli.main(
+        [
+            "mnist",
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--step",
+            "optimizer",
+            "--eta",
+            "0.1",
+            "--out",
+            str(tmp_path / "cli"),
+        ]
+    )
+    assert code == 2 and "--eta" in capsys.readouterr().err

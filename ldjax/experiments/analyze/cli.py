@@ -92,6 +92,20 @@ def parser() -> argparse.ArgumentParser:
         help="MNIST-layout IDX folder (train-*/t10k-*); default: the embedded 800/200 digits",
     )
     m.add_argument(
+        "--step",
+        choices=("sgd", "optimizer"),
+        default="sgd",
+        help="the step on each u alone: plain SGD at --eta (sgd, default), or the training run's "
+        "own optimizer (SGD momentum + weight decay, its schedule) from the checkpoint's state on "
+        "u's share of a batch's mean loss (optimizer; the state's carry-over is reported apart)",
+    )
+    m.add_argument(
+        "--epoch",
+        type=positive_int,
+        default=None,
+        help="the checkpoint of this epoch (default: the newest)",
+    )
+    m.add_argument(
         "--n-train",
         type=positive_int,
         default=None,
@@ -190,8 +204,15 @@ def _run_mnist(args, out: Path, mesh) -> tuple:
         source = "embedded default (ldjax.data.mnist.load_default)"
     if xi.shape[1:] != (28, 28):
         raise ValueError(f"--train {args.train}: images must be 28x28, got {xi.shape[1:]}")
+    if args.step == "optimizer" and args.eta is not None:
+        raise ValueError(
+            "--eta sets the plain SGD step; --step optimizer takes the run's own optimizer and "
+            "learning rate from the checkpoint: drop --eta"
+        )
     ckpt_dir = args.checkpoint or _train_mnist(args, out, xi, yi)
-    ckpt = pipeline.load_mnist_checkpoint(ckpt_dir)
+    ckpt = pipeline.load_mnist_checkpoint(
+        ckpt_dir, epoch=args.epoch, optimizer=args.step == "optimizer"
+    )
     cfg = ckpt["config"]
     n = args.n_train or cfg.n_train or len(xi)
     if n > len(xi):
@@ -199,7 +220,7 @@ def _run_mnist(args, out: Path, mesh) -> tuple:
     probes = pipeline.mnist_probes(
         args.probes if args.probes is not None else (2 if args.quick else 5), xt, yt
     )
-    eta = args.eta if args.eta is not None else cfg.lr / cfg.batch_size
+    eta = None if args.step == "optimizer" else (args.eta or cfg.lr / cfg.batch_size)
     summary, figs, tables = pipeline.run_mnist(
         ckpt,
         (xi[:n], yi[:n]),
@@ -212,6 +233,8 @@ def _run_mnist(args, out: Path, mesh) -> tuple:
     summary["eta_rule"] = (
         "--eta"
         if args.eta is not None
+        else "the checkpoint's optimizer and state (--step optimizer)"
+        if eta is None
         else "the checkpoint's peak lr / batch size (u's share of one training step)"
     )
     return summary, figs, tables
@@ -308,9 +331,10 @@ def run(args: argparse.Namespace, argv_text: str = PROG) -> dict:
         runtime_s=round(time.time() - t0, 1),
         figures=[_figure_path(name) for name in figs],
     )
+    step = f"eta {summary['eta']:.3g}" if summary.get("eta") is not None else "the run's optimizer"
     footer = (
         f"{argv_text}  |  {machine['processor']}, {machine['cpus_available']} CPUs, jax "
-        f"{machine['jax']} ({machine['backend']}), {len(devs)} devices  |  eta {summary['eta']:.3g}"
+        f"{machine['jax']} ({machine['backend']}), {len(devs)} devices  |  {step}"
         f", audit median rel. error {summary['audit'].get('median_rel_error', float('nan')):.2e}"
     )
     keep = {out / _figure_path(name) for name in figs} | {out / name for name in tables}

@@ -50,9 +50,15 @@ LM_LOSSES = ("sft", "dpo", "ipo", "slic", "sppo")
 # ----------------------------------------------------------------------------- MNIST
 
 
-def load_mnist_checkpoint(path) -> dict:
-    """The newest checkpoint of an MNIST training run: ``{"params", "config" (TrainConfig),
-    "model" (name), "step" (epochs completed), "path"}``.
+def load_mnist_checkpoint(
+    path, *, epoch: int | None = None, optimizer: bool = False, n_train: int | None = None
+) -> dict:
+    """A checkpoint of an MNIST training run (the newest, or that of ``epoch``): ``{"params",
+    "config" (TrainConfig), "model" (name), "step" (epochs completed), "path"}``.
+
+    With ``optimizer=True`` also ``"optimizer"`` (the run's optax optimizer,
+    :func:`ldjax.mnist.train.make_optimizer`, its schedule over ``n_train`` training rows) and
+    ``"opt_state"`` (its state in the checkpoint: momentum, the schedule's count).
 
     Raises:
       FileNotFoundError: no such folder, or no checkpoint in it.
@@ -73,7 +79,11 @@ def load_mnist_checkpoint(path) -> dict:
                 f"--checkpoint {p}: holds no checkpoint (expected the folder that "
                 "`ldjax mnist --checkpoint-dir DIR` writes: numbered epoch folders)"
             )
-        state, meta = ck.restore()
+        if epoch is not None and epoch not in ck.steps():
+            raise FileNotFoundError(
+                f"--checkpoint {p}: no checkpoint of epoch {epoch} (it holds epochs {ck.steps()})"
+            )
+        state, meta = ck.restore(epoch)
         step = ck.restored_step
     fp = meta.get("fingerprint")
     cfg = fp.get("config") if isinstance(fp, dict) else None
@@ -99,7 +109,47 @@ def load_mnist_checkpoint(path) -> dict:
             f"{config.model!r} (other tree or shapes)"
         )
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
-    return dict(params=params, config=config, model=config.model, step=int(step), path=str(p))
+    out = dict(params=params, config=config, model=config.model, step=int(step), path=str(p))
+    if optimizer:
+        out.update(_mnist_optimizer(p, int(step), state, config, n_train))
+    return out
+
+
+def _mnist_optimizer(p: Path, step: int, state: dict, config, n_train: int | None) -> dict:
+    """The training run's optimizer and its state, restored with the optimizer's structure."""
+    from ldjax.mnist.train import make_optimizer, steps_per_epoch  # noqa: PLC0415
+    from ldjax.training.checkpoint import Checkpoints  # noqa: PLC0415
+
+    n = config.n_train if n_train is None else n_train
+    if n is None:
+        raise ValueError(
+            f"--checkpoint {p}: its config trains on all rows (n_train None): the optimizer's "
+            "schedule needs the number of training rows"
+        )
+    tx = make_optimizer(config, steps_per_epoch(config, int(n)))
+    like = {"params": state["params"], "opt_state": tx.init(state["params"])}
+    like.update({k: v for k, v in state.items() if k not in like})
+    with Checkpoints(p) as ck:
+        try:
+            full, _ = ck.restore(step, like=like)
+        except ValueError as e:
+            raise ValueError(
+                f"--checkpoint {p}: its optimizer state is not that of the recorded recipe ({e})"
+            ) from e
+    pre = ldjax.preconditioner(tx, full["opt_state"], full["params"], check=False)
+    if all(not np.any(np.asarray(a)) for a in jax.tree_util.tree_leaves(pre)):
+        raise ValueError(
+            f"--checkpoint {p}: the run's learning rate is 0 at epoch {step} (the end of its "
+            f"{config.schedule} schedule), so a step on u moves nothing: use --step sgd, or "
+            f"--epoch E with an earlier checkpoint (E < {step})"
+        )
+    return dict(optimizer=tx, opt_state=full["opt_state"])
+
+
+def sft_batch_share(logits, targets, batch_size):
+    """u's share of a training batch's mean cross-entropy: ``sft(logits, targets) / batch_size``
+    (the loss of the step on u alone under the training run's optimizer)."""
+    return losses.sft(logits, targets) / batch_size
 
 
 def mnist_probes(spec, test_images, test_labels, seed: int = 0):
@@ -165,7 +215,7 @@ def _speed(inf, pairs: int, seconds: float) -> dict:
     )
 
 
-def _audit_summary(audit: dict | None) -> dict:
+def _audit_summary(audit: dict | None, step: str = "one real SGD step") -> dict:
     if not audit:
         return dict(n=0, note="no audit (--audit 0): the predictions carry no measured error")
     rel = np.asarray(audit["rel_error"], np.float64)
@@ -176,8 +226,8 @@ def _audit_summary(audit: dict | None) -> dict:
         max_rel_error=float(rel.max()),
         rel_error=rel,
         median_sign_agreement=float(np.median(audit["sign_agreement"])),
-        definition="one real SGD step on each audited u alone (ldjax.actual_step) against the "
-        "prediction: ‖predicted − actual‖ / ‖actual‖ over every probe's readouts",
+        definition=f"{step} on each audited u alone, taken for real (ldjax.actual_step), against "
+        "the prediction: ‖predicted − actual‖ / ‖actual‖ over every probe's readouts",
     )
 
 
@@ -186,18 +236,25 @@ def run_mnist(
     train: tuple,
     probes: tuple,
     *,
-    eta: float,
+    eta: float | None,
     opts: dict,
     top: int = 5,
     gallery_probes: int = 6,
 ) -> tuple[dict, dict, dict]:
     """The MNIST job: the influence of every training digit on every probe digit.
 
+    The step on each u alone is plain SGD at ``eta`` on u's cross-entropy, or (``eta=None``, a
+    ``ckpt`` with ``"optimizer"``) the training run's own optimizer from its checkpointed state on
+    u's share of a batch's mean loss (``sft / batch_size``): ``delta`` is then u's part of that
+    update, and ``summary["carry"]`` what the state moves on every probe whatever u (momentum,
+    weight decay).
+
     Args:
       ckpt: :func:`load_mnist_checkpoint`.
       train: ``(images uint8 (N_u, 28, 28), labels (N_u,))``, the training digits U.
       probes: ``(images, labels)`` of the probes O (:func:`mnist_probes`).
-      eta: the step size of the step on each u alone (plain SGD on u's cross-entropy).
+      eta: the step size of the step on each u alone (plain SGD on u's cross-entropy), or None:
+        the checkpoint's optimizer (``ckpt["optimizer"]``, ``ckpt["opt_state"]``).
       opts: ``chunk_size``, ``mesh``, ``out`` (the run folder), ``audit``, ``seed``,
         ``progress``, ``method``.
       top: k of the top-k readouts; gallery_probes: probes shown in the gallery.
@@ -213,16 +270,26 @@ def run_mnist(
     xo_img, yo = probes
     f = apply_fn(make_model(ckpt["model"]))
     x_u, x_o = to_float(xu_img), to_float(xo_img)
+    if eta is None:
+        if "optimizer" not in ckpt:
+            raise ValueError("run_mnist: eta=None needs a checkpoint loaded with optimizer=True")
+        batch = ckpt["config"].batch_size
+        step = dict(optimizer=ckpt["optimizer"], opt_state=ckpt["opt_state"])
+        loss_fn, kw = sft_batch_share, dict(targets=np.asarray(yu), batch_size=float(batch))
+        what = f"one step of the run's optimizer from its epoch-{ckpt['step']} state"
+    else:
+        step, loss_fn, kw = dict(eta=eta), losses.sft, dict(targets=np.asarray(yu))
+        what = f"one SGD step (η={eta:.3g})"
     t0 = time.time()
     inf = ldjax.influence(
         f,
         ckpt["params"],
         jnp.asarray(x_u),
         jnp.asarray(x_o),
-        losses.sft,
-        eta=eta,
-        loss_kwargs=dict(targets=np.asarray(yu)),
+        loss_fn,
+        loss_kwargs=kw,
         targets_o=np.asarray(yo),
+        **step,
         **_influence_kwargs(opts),
     )
     seconds = time.time() - t0
@@ -235,8 +302,7 @@ def run_mnist(
             s,
             yu,
             yo,
-            title=f"MNIST {ckpt['model']}: predicted Δ log π(y_o|x_o) after one SGD step "
-            f"(η={eta:.3g}) on u",
+            title=f"MNIST {ckpt['model']}: predicted Δ log π(y_o|x_o) after {what} on u",
             label_u="training digit u, by class",
             label_o="probe digit o, by class",
         ),
@@ -278,15 +344,21 @@ def run_mnist(
         checkpoint=dict(path=ckpt["path"], epoch=ckpt["step"], model=ckpt["model"]),
         n_u=int(len(yu)),
         n_o=int(len(yo)),
-        eta=float(eta),
+        eta=None if eta is None else float(eta),
+        step=what,
         method=inf.method,
         influence_dir=inf.path,
         seconds=round(seconds, 2),
         **_speed(inf, len(yu) * len(yo), seconds),
-        audit=_audit_summary(inf.audit),
+        audit=_audit_summary(inf.audit, what),
         readouts=dict(
-            score="S[u, o] = predicted Δ log π(y_o|x_o) after one SGD step of size eta on u "
-            "alone (its cross-entropy)",
+            score=f"S[u, o] = predicted Δ log π(y_o|x_o) after {what} on u alone ("
+            + (
+                "its cross-entropy)"
+                if eta is not None
+                else "its share of a batch's mean loss, "
+                "u's part of the update without the state's carry-over)"
+            ),
             top_k=int(tk["helpful"].shape[1]),
             by_class_pair=dict(mean=agg["mean"], classes=classes),
             mean_same_class=float(s[same].mean()) if same.any() else None,
@@ -294,6 +366,16 @@ def run_mnist(
             fraction_helpful_same_class=float(np.mean(s[same] > 0)) if same.any() else None,
         ),
     )
+    if inf.delta_carry is not None:
+        carry = np.asarray(inf.delta_carry)[np.arange(len(yo)), np.asarray(yo)]
+        summary["carry"] = dict(
+            definition="predicted Δ log π(y_o|x_o) that the optimizer's state makes whatever u "
+            "(momentum, weight decay): added to every u's part in the audit's prediction",
+            mean=float(carry.mean()),
+            min=float(carry.min()),
+            max=float(carry.max()),
+            mean_abs_part_of_u=float(np.abs(s).mean()),
+        )
     return summary, figs, {"top_k.json": table}
 
 
