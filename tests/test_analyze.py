@@ -255,6 +255,14 @@ def test_mnist_step_by_the_runs_optimizer_is_its_sgd_part_plus_the_carry(tmp_pat
         pipeline.load_mnist_checkpoint(tmp_path / "cos", optimizer=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint of epoch 3"):
         pipeline.load_mnist_checkpoint(tmp_path / "cos", epoch=3)
+    # the command end to end: its report and summary name the step
+    code = cli.main(
+        ["mnist", "--checkpoint", str(tmp_path / "ckpt"), "--step", "optimizer", "--n-train",
+         "12", "--probes", "1", "--audit", "2", "--out", str(tmp_path / "cli_ok")]
+    )  # fmt: skip
+    assert code == 0 and "the run's optimizer" in capsys.readouterr().out
+    s_cli = json.loads((tmp_path / "cli_ok" / "summary.json").read_text())
+    assert s_cli["eta"] is None and s_cli["carry"]["max"] != 0.0
     # --eta with --step optimizer is a usage error naming both
     code = cli.main(
         [

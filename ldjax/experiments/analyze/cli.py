@@ -374,7 +374,9 @@ def _report(s: dict) -> str:
     return "\n".join(
         [
             f"{s['family']}: {s['n_u']} training examples x {s['n_o']} probes, method "
-            f"{s['method']}, eta {s['eta']:.3g}, {s['devices']['count']} "
+            f"{s['method']}, "
+            + (f"eta {s['eta']:.3g}" if s.get("eta") is not None else s.get("step", ""))
+            + f", {s['devices']['count']} "
             f"{s['devices']['platform']} devices: {s['seconds']} s, computed "
             f"{s['chunks']['computed']} of {s['chunks']['total']} chunks"
             + (
