@@ -57,19 +57,20 @@ def save_figure(fig, path, *, dpi: int = 90, footer: str = "") -> str:
     with an optional footer line (the command and machine that made it); folders are made as
     needed. Returns ``path`` as a string."""
     path = Path(path)
-    if footer:
+    if footer:  # below the figure's own area: it never covers an axis label
         width = max(40, int(fig.get_figwidth() * 21))  # characters per line at 6.5 pt
         fig.text(
             0.005,
-            0.003,
+            -0.005,
             textwrap.fill(footer, width),
             fontsize=6.5,
             color="#555555",
             ha="left",
-            va="bottom",
+            va="top",
         )
     buf = io.BytesIO()
-    fig.savefig(buf, dpi=dpi, format="png")
+    # "tight": the saved area grows to hold every text (the footer, a title wider than the axes)
+    fig.savefig(buf, dpi=dpi, format="png", bbox_inches="tight", pad_inches=0.08)
     buf.seek(0)
     with Image.open(buf) as im, atomic_path(path) as tmp:
         im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(

@@ -276,7 +276,7 @@ def run_mnist(
         batch = ckpt["config"].batch_size
         step = dict(optimizer=ckpt["optimizer"], opt_state=ckpt["opt_state"])
         loss_fn, kw = sft_batch_share, dict(targets=np.asarray(yu), batch_size=float(batch))
-        what = f"one step of the run's optimizer from its epoch-{ckpt['step']} state"
+        what = f"one step of the run's optimizer (epoch {ckpt['step']} state)"
     else:
         step, loss_fn, kw = dict(eta=eta), losses.sft, dict(targets=np.asarray(yu))
         what = f"one SGD step (η={eta:.3g})"

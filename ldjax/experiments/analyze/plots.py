@@ -37,6 +37,18 @@ def _norm(values):
     return SymLogNorm(linthresh=max(lin, top * 1e-6), vmin=-top, vmax=top, base=10)
 
 
+def _colorbar(fig, im, ax, label):
+    """A colour bar whose ticks inside the linear part of a symlog scale are dropped but 0 (they
+    would sit on top of each other)."""
+    cb = fig.colorbar(im, ax=ax, shrink=0.85, label=label)
+    lin = getattr(im.norm, "linthresh", None)
+    if lin is not None:
+        ticks = [t for t in cb.get_ticks() if t == 0 or abs(t) >= lin]
+        top = im.norm.vmax
+        cb.set_ticks([t for t in ticks if abs(t) <= top * (1 + 1e-9)])
+    return cb
+
+
 def _boundaries(ax, groups_sorted, axis: str):
     g = np.asarray(groups_sorted)
     cuts = np.flatnonzero(g[1:] != g[:-1]) + 0.5
@@ -85,7 +97,7 @@ def plot_heatmap(
     ax.set_ylabel(f"{label_u} (sorted by group; {len(iu)} of {s.shape[0]} shown)")
     ax.set_xlabel(f"{label_o} (sorted by group)")
     ax.set_title(title or "predicted Δ log π(y_o|x_o) after one step on u", fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.85, label="Δ log π(y_o|x_o) (symlog)")
+    _colorbar(fig, im, ax, "Δ log π(y_o|x_o) (symlog)")
     fig.tight_layout()
     return _done(fig)
 
