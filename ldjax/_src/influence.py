@@ -66,6 +66,11 @@ JVP_WORK = 8
 """Logits-sized arrays counted per (direction, probe) JVP of ``"jvp"``. XLA's memory analysis of
 the JVPs at Pythia-14m's shape (T = 128, V = 50,304, 13 probes, compiled from shapes only) gives
 3.3–4.0 per pair (the logits' tangent, the log-softmax's pieces); 8 leaves a factor of 2."""
+MIN_GEMM_ROWS = 2
+"""Rows of U per device below which ``"gram"``'s product gets zero rows added: with one row XLA:CPU
+emits a matrix-vector product whose float32 sum over the parameters drifts (Pythia-14m, 14M
+parameters, one DPO pair: 4.2e-3 relative error against a float64 sum of the same float32
+vectors, where two or more rows give 1e-6)."""
 
 
 @dataclasses.dataclass
@@ -280,13 +285,17 @@ def _project(spec, theta, rows_o, probes, dirs):
     ``dirs (c, P)``, by the kept rows (gram) or one JVP per (direction, probe)."""
     if spec.method == "gram":  # (c, P) @ (P, N_o·R): one 2-D matmul (1.4–1.7× an einsum)
         n_o, r, n_p = rows_o.shape
+        c = dirs.shape[0]
+        least = MIN_GEMM_ROWS * spec.mesh.shape[spec.u_axis]
+        if c < least:  # a matrix-vector product: XLA:CPU's loses digits over many parameters
+            dirs = jnp.concatenate([dirs, jnp.zeros((least - c, n_p), dirs.dtype)])
         flat = jax.lax.dot_general(
             dirs,
             rows_o.reshape(n_o * r, n_p),
             (((1,), (1,)), ((), ())),
             precision=jax.lax.Precision.HIGHEST,
         )
-        return flat.reshape(dirs.shape[0], n_o, r)
+        return flat[:c].reshape(c, n_o, r)
     f = spec.apply_fn
     unravel = ravel_pytree(theta)[1]
 
@@ -491,7 +500,8 @@ def influence(
         (needs ``targets_o``; ``R = 1`` instead of ``V``: the TracIn-at-one-checkpoint matrix
         ``−η g_oᵀ g_u`` of the probes' losses is ``delta_loss_o = −delta``).
       kernel_norms: classifiers: also ``‖K(x_o, x_u)‖_F`` and ``tr K(x_o, x_u)``.
-      chunk_size: training examples per chunk (rounded up to a multiple of the mesh's ``"u"`` size).
+      chunk_size: training examples per chunk (rounded up to a multiple of the mesh's ``"u"`` size;
+        at most ``N_u`` so rounded: a small U computes no padded rows).
       method: ``"auto"``, ``"gram"`` or ``"jvp"`` (module docstring).
       memory_budget: bytes that ``"gram"``'s kept rows may take (``"auto"`` picks by it), and
         that ``"jvp"``'s work on one device may take: it pushes as many directions of U through
@@ -602,6 +612,7 @@ def influence(
     n_ud = mesh.shape["u"]
     n_od = mesh.shape["o"] if o_axis else 1
     chunk = -(-chunk_size // n_ud) * n_ud
+    chunk = min(chunk, -(-n_u // n_ud) * n_ud)  # never more padded rows than U needs
     n_o_pad = -(-n_o // n_od) * n_od
     dir_batch = 0
     if method == "jvp":  # a chunk's JVPs at once unless their logits outgrow the budget
