@@ -1,0 +1,263 @@
+"""The dense layers found in a jaxpr (ldjax/_src/dense_factors.py) and influence's
+method="factored": which leaves are factored and which are rest, the tapped re-evaluation's factors
+against jax.grad, and factored influence equal to "gram" and to a per-u ldjax.decompose (float64
+to 1e-10, float32 to 1e-5) on the zoo MLP, LeNet (conv kernels rest) and the small transformer
+(S > 1 positions, the DPO y⁺/y⁻ terms), and on 8 host devices equal to one."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import precision, rel, small_model
+
+import ldjax
+from ldjax import losses
+from ldjax._src import dense_factors
+from ldjax._src import influence as influence_module
+
+JOB = Path(__file__).with_name("influence_job.py")
+
+
+def _paths(layers):
+    return sorted(lay.path for lay in layers)
+
+
+def test_mlp_kernels_are_factored_and_biases_are_rest():
+    f, p, x_o, _ = small_model("mlp", "float32")
+    layers = dense_factors.dense_layers(f, p, x_o[:1])
+    assert _paths(layers) == [f"['dense_{k}']['kernel']" for k in range(3)]
+    assert [(lay.positions, lay.d_in, lay.d_out) for lay in layers] == [
+        (1, 12, 16),
+        (1, 16, 16),
+        (1, 16, 5),
+    ]
+    factored, rest = dense_factors.split_leaves(f, p, [x_o[:1]])
+    paths = [jax.tree_util.keystr(q) for q, _ in jax.tree_util.tree_leaves_with_path(p)]
+    assert [paths[k] for k in rest] == [f"['dense_{k}']['bias']" for k in range(3)]
+    assert sorted(factored + rest) == list(range(len(paths)))
+
+
+def test_shared_transposed_scanned_and_conv_weights_are_rest():
+    def f(p, x):
+        h = jnp.tanh(x @ p["tied"]) @ p["tied"]  # the same weight twice
+        h = h @ p["t"].T  # transposed before the product: not a bare operand
+        h = jax.lax.scan(lambda c, _: (jnp.tanh(c @ p["in_scan"]), None), h, None, length=2)[0]
+        h = jax.jit(lambda a, w: a @ w)(h, p["via_jit"])  # followed into the jit
+        return jnp.einsum("oi,ni->no", p["lhs"], h) + p["b"]  # the weight as the lhs
+
+    p = {k: jnp.ones((3, 3)) for k in ("tied", "t", "in_scan", "via_jit", "lhs")}
+    p["b"] = jnp.ones((3,))
+    layers = dense_factors.dense_layers(f, p, jnp.ones((1, 3)))
+    assert _paths(layers) == ["['lhs']", "['via_jit']"]
+    # LeNet: both conv kernels are rest, the three dense kernels factored
+    lf, lp, lx, _ = small_model("lenet", "float32")
+    assert _paths(dense_factors.dense_layers(lf, lp, lx[:1])) == [
+        f"['dense_{k}']['kernel']" for k in range(3)
+    ]
+
+
+def test_tapped_factors_give_the_weight_gradients():
+    with precision("float64"):
+        f, p, _, x_u = small_model("transformer", "float64")
+        x = x_u[:1]
+        leaves, _ = dense_factors.split_leaves(f, p, [x])
+        assert len(leaves) == 7  # q, k, v, out, fc_1, fc_2, unembed; embeddings and LN are rest
+        layers = {lay.leaf: lay for lay in dense_factors.dense_layers(f, p, x)}
+        assert {layers[k].positions for k in leaves} == {7}  # T positions per example
+        taps = dense_factors.zero_taps(f, p, x, leaves)
+        out, acts = dense_factors.apply_tapped(f, p, x, taps, leaves)
+        assert rel(out, f(p, x)) == 0.0
+
+        def loss(z):
+            return jnp.sum(jnp.sin(z) * jnp.arange(z.size).reshape(z.shape))
+
+        g = jax.tree_util.tree_leaves(jax.grad(lambda q: loss(f(q, x)))(p))
+        deltas = jax.grad(lambda t: loss(dense_factors.apply_tapped(f, p, x, t, leaves)[0]))(taps)
+        for k, a, d in zip(leaves, acts, deltas):
+            assert a.shape == (7, layers[k].d_in) and d.shape == (7, layers[k].d_out)
+            assert rel(a.T @ d, g[k]) < 1e-12
+        # the weight as a dot_general's lhs: g = (aᵀ δ)ᵀ
+        fl = lambda q, x: jnp.einsum("oi,nti->nto", q["w"], x)  # noqa: E731
+        q = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)))}
+        xl = jnp.asarray(np.random.default_rng(1).normal(size=(1, 4, 3)))
+        (lay,) = dense_factors.dense_layers(fl, q, xl)
+        t0 = dense_factors.zero_taps(fl, q, xl, (0,))
+        (d,) = jax.grad(lambda t: loss(dense_factors.apply_tapped(fl, q, xl, t, (0,))[0]))(t0)
+        (a,) = dense_factors.apply_tapped(fl, q, xl, t0, (0,))[1]
+        gw = jax.grad(lambda w: loss(fl(w, xl)))(q)["w"]
+        assert (lay.positions, lay.d_in, lay.d_out) == (4, 3, 5)
+        assert rel(a.T @ d, gw.T) < 1e-12
+
+
+def _per_u(f, p, x_o, x_u, kw_u, eta):
+    return [
+        np.asarray(
+            ldjax.decompose(
+                f,
+                p,
+                x_o,
+                x_u[u : u + 1],
+                losses.sft,
+                eta=eta,
+                loss_kwargs={k: v[u : u + 1] for k, v in kw_u.items()},
+            ).delta_logp_linear
+        )
+        for u in range(len(x_u))
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_factored_equals_gram_and_decompose_on_the_mlp(dtype):
+    tol = 1e-10 if dtype == "float64" else 1e-5
+    with precision(dtype):
+        f, p, x_o, x_u = small_model("mlp", dtype)
+        x_u = jnp.concatenate([x_u, 0.5 * x_u[::-1] + 0.1])
+        y_u, y_o = jnp.array([0, 3, 4, 1]), jnp.array([2, 2, 0])
+        kw = dict(eta=0.01, loss_kwargs=dict(targets=y_u), targets_o=y_o, chunk_size=3)
+        fac = ldjax.influence(f, p, x_u, x_o, losses.sft, method="factored", **kw)
+        gram = ldjax.influence(f, p, x_u, x_o, losses.sft, method="gram", **kw)
+        assert fac.method == "factored" and fac.delta.shape == (4, 3, 5)
+        assert rel(fac.delta, gram.delta) < tol
+        for u, d in enumerate(_per_u(f, p, x_o, x_u, dict(targets=y_u), 0.01)):
+            assert rel(fac.delta[u], d) < tol
+        tgt = ldjax.influence(f, p, x_u, x_o, losses.sft, method="factored", target_only=True, **kw)
+        picked = -np.asarray(gram.delta)[:, np.arange(3), np.asarray(y_o)]
+        assert tgt.delta.shape == (4, 3) and rel(tgt.delta_loss_o, picked) < tol
+
+
+def test_factored_on_lenet_conv_rest_dense_factored():
+    with precision("float64"):
+        f, p, x_o, x_u = small_model("lenet", "float64")
+        y_u, y_o = jnp.array([0, 3]), jnp.array([2, 7])
+        kw = dict(eta=0.01, loss_kwargs=dict(targets=y_u), targets_o=y_o)
+        fac = ldjax.influence(f, p, x_u, x_o, losses.sft, method="factored", **kw)
+        gram = ldjax.influence(f, p, x_u, x_o, losses.sft, method="gram", **kw)
+        assert rel(fac.delta, gram.delta) < 1e-10
+        for u, d in enumerate(_per_u(f, p, x_o, x_u, dict(targets=y_u), 0.01)):
+            assert rel(fac.delta[u], d) < 1e-10
+
+
+@pytest.mark.slow  # ~15 s on 2 cores: three transformer programs and their decompose
+def test_factored_on_the_transformer_sequences_tokens_and_dpo_terms():
+    with precision("float64"):
+        f, p, x_o, x_u = small_model("transformer", "float64")
+        n, t = x_u.shape
+        rng = np.random.default_rng(1)
+        y_u, m_u = jnp.asarray(rng.integers(0, 13, (n, t))), jnp.asarray(rng.random((n, t)) > 0.3)
+        y_o, m_o = jnp.asarray(rng.integers(0, 13, (2, t))), jnp.asarray(rng.random((2, t)) > 0.4)
+        kw = dict(eta=1e-3, loss_kwargs=dict(targets=y_u, mask=m_u), targets_o=y_o, mask_o=m_o)
+        for per_token in (False, True):
+            inf = ldjax.influence(
+                f, p, x_u, x_o, losses.sft, method="factored", per_token=per_token, **kw
+            )
+            assert inf.delta.shape == ((n, 2, t) if per_token else (n, 2))
+            for u, d in enumerate(_per_u(f, p, x_o, x_u, dict(targets=y_u, mask=m_u), 1e-3)):
+                lin = np.take_along_axis(d, np.asarray(y_o)[..., None], -1)[..., 0]
+                lin = lin * np.asarray(m_o)
+                assert rel(inf.delta[u], lin if per_token else lin.sum(-1)) < 1e-10
+        x_neg = jnp.asarray(rng.integers(0, 13, (n, t)))
+        kwd = dict(
+            targets_pos=y_u,
+            targets_neg=y_u[::-1],
+            mask_pos=m_u,
+            mask_neg=m_u[::-1],
+            ref_logp_pos=jnp.asarray(rng.normal(size=n)),
+            ref_logp_neg=jnp.asarray(rng.normal(size=n)),
+            beta=0.1,
+        )
+        inf = ldjax.influence(
+            f,
+            p,
+            (x_u, x_neg),
+            x_o,
+            losses.dpo,
+            eta=1e-3,
+            loss_kwargs=kwd,
+            targets_o=y_o,
+            mask_o=m_o,
+            method="factored",
+        )
+        for u in range(n):
+            kw1 = {k: (v[u : u + 1] if np.ndim(v) else v) for k, v in kwd.items()}
+            d = ldjax.decompose(
+                f, p, x_o, (x_u[u : u + 1], x_neg[u : u + 1]), losses.dpo, eta=1e-3, loss_kwargs=kw1
+            )
+            pos, neg = (
+                np.sum(
+                    np.take_along_axis(np.asarray(t_), np.asarray(y_o)[..., None], -1)[..., 0]
+                    * np.asarray(m_o),
+                    -1,
+                )
+                for t_ in d.delta_logp_linear_terms
+            )
+            assert rel(inf.terms[0][u], pos) < 1e-10 and rel(inf.terms[1][u], neg) < 1e-10
+            assert rel(inf.delta[u], pos + neg) < 1e-10
+
+
+def test_auto_picks_factored_by_cost_and_bad_arguments_are_named():
+    f, p, x_o, x_u = small_model("mlp", "float32")
+    kw = dict(loss_kwargs=dict(targets=jnp.array([1, 2])), targets_o=jnp.array([0, 1, 2]))
+    costs = influence_module.method_costs(f, p, x_o, n_u=2, n_o=3, readouts=1)
+    # per pair: 2·P_rest·R + Σ_k 2·(d_in + R·d_out) + 2R, P_rest = the 37 biases
+    pair = 2 * 37 + 2 * ((12 + 16) + (16 + 16) + (16 + 5)) + 3 * 2
+    assert costs["factored"] - 3 * costs["forward"] * 3 == pytest.approx(pair * 2 * 3)
+    assert costs["factored"] < costs["gram"]
+    inf = ldjax.influence(f, p, x_u, x_o, losses.sft, eta=0.1, target_only=True, **kw)
+    assert inf.method == "factored"
+    # a budget the probes' factors do not fit: not factored
+    small = ldjax.influence(
+        f, p, x_u, x_o, losses.sft, eta=0.1, target_only=True, memory_budget=64, **kw
+    )
+    assert small.method == "jvp"
+    # kernel norms need the full rows: gram
+    full = ldjax.influence(f, p, x_u, x_o, losses.sft, eta=0.1, kernel_norms=True, **kw)
+    assert full.method == "gram"
+    import optax
+
+    with pytest.raises(ValueError, match="optimizer"):
+        ldjax.influence(
+            f, p, x_u, x_o, losses.sft, optimizer=optax.sgd(0.1), method="factored", **kw
+        )
+    with pytest.raises(ValueError, match="kernel_norms"):
+        ldjax.influence(
+            f, p, x_u, x_o, losses.sft, eta=0.1, method="factored", kernel_norms=True, **kw
+        )
+
+
+def _job(args):
+    r = subprocess.run(
+        [sys.executable, str(JOB)] + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+@pytest.mark.slow  # four subprocess jobs
+def test_factored_on_eight_host_devices_equals_one_device_and_gram(tmp_path):
+    for model in ("mlp", "lenet"):
+        base = ["--model", model, "--n-u", 16]
+        _job([tmp_path / f"{model}_gram", "--npz", tmp_path / f"{model}_gram.npz"] + base)
+        out = _job(
+            [tmp_path / f"{model}_8", "--npz", tmp_path / f"{model}_8.npz", "--method", "factored"]
+            + ["--devices", 8, "--o-devices", 2]
+            + base
+        )
+        assert "{'u': 4, 'o': 2}" in out
+        gram, eight = (np.load(tmp_path / f"{model}_{k}.npz") for k in ("gram", "8"))
+        for k in ("delta", "delta_loss_o"):
+            assert rel(eight[k], gram[k]) < 1e-5
+    _job([tmp_path / "mlp_1", "--npz", tmp_path / "mlp_1.npz", "--method", "factored"])
+    _job(
+        [tmp_path / "mlp_8b", "--npz", tmp_path / "mlp_8b.npz", "--method", "factored"]
+        + ["--devices", 8]
+    )
+    one, eight = (np.load(tmp_path / f"mlp_{k}.npz") for k in ("1", "8b"))
+    assert rel(eight["delta"], one["delta"]) < 1e-6
