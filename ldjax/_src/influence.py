@@ -22,15 +22,34 @@ Algorithms (``method``):
 * ``"jvp"``: nothing of O is kept; each chunk of U costs its per-example gradients and one JVP of
   the readout of every probe along each of them (``chunk × N_o`` forward-mode passes). For models
   whose rows do not fit.
-* ``"auto"``: the cheaper of the two in FLOPs (:func:`method_costs`), ``"gram"`` only when its
-  rows fit ``memory_budget``. With ``F`` the FLOPs of one probe's forward pass (XLA's cost
-  analysis), ``R`` readouts per probe and ``P`` parameters, beyond the per-example gradients
-  that both share, ``"gram"`` costs ``≈ 3F·N_o·R`` once (the rows) plus ``2P·R`` per pair and
-  ``"jvp"`` ``≈ 3F`` per pair. A dense MLP has ``F ≈ 2P``, so ``"jvp"`` wins once ``R ≳ 3``
-  (10 classes: about 5× cheaper); a conv net reuses each weight at many positions, ``F ≫ 2P``
-  (LeNet: ``F ≈ 13 · 2P``), and ``"gram"`` wins; for sequences ``R = 1`` and ``"gram"`` wins.
+* ``"factored"``: ``"gram"`` without forming the dense layers' gradients (the "ghost" inner
+  product of ghost clipping and LoGra). A parameter used only as the weight of one dense
+  ``dot_general`` (``a @ W``: 2-D, one dim contracted, no batch dims; found in the jaxpr of
+  ``apply_fn`` by :mod:`ldjax._src.dense_factors`, whatever the model) has the per-example gradient
+  ``Σ_s a_s δ_sᵀ`` over the ``S`` positions it is applied at, so
+  ``⟨g_W^o, g_W^u⟩ = Σ_{s,t} (a_o,s·a_u,t)(δ_o,s·δ_u,t)``. Per chunk of U it keeps each dense
+  layer's input activations ``a`` and output cotangents ``δ`` (one backward pass per example,
+  no weight gradient formed); of O, ``a`` and ``δ`` per readout, computed once. Every other
+  parameter (biases, conv kernels, embeddings, LayerNorm scales, tied or shared weights, anything
+  inside ``scan``/``while``/``cond``) is *rest*, contracted as ``"gram"``. Per pair it costs
+  ``2·S_u·S_o·(d_in + R·d_out)`` per dense layer instead of ``2·d_in·d_out·R``: far cheaper for
+  an MLP (``S = 1``; the MNIST MLP 784-128-128-10 with ``R = 1``: 1.3k against 118k FLOPs per
+  pair), dearer for long sequences of narrow layers (``S² ≫ d``: the transformer's ``T²``
+  position pairs), where ``"gram"`` wins. Plain SGD only (``eta``; not with ``optimizer``) and
+  not with ``kernel_norms``.
+* ``"auto"``: the cheapest in FLOPs (:func:`method_costs`), ``"gram"`` only when its rows fit
+  ``memory_budget``, ``"factored"`` only when its kept factors (and, for ``S > 1``, a chunk's
+  position-pair products) fit it. With ``F`` the FLOPs of one probe's forward pass (XLA's cost
+  analysis), ``R`` readouts per probe and ``P`` parameters, beyond the per-example backward
+  passes that all share, ``"gram"`` costs ``≈ 3F·N_o·R`` once (the rows) plus ``2P·R`` per pair,
+  ``"jvp"`` ``≈ 3F`` per pair and ``"factored"`` ``≈ 3F·N_o·R`` once plus
+  ``2·P_rest·R + Σ_k 2·S_u·S_o·(d_in + R·d_out + R)`` per pair. A dense MLP has ``F ≈ 2P``, so
+  ``"jvp"`` beats ``"gram"`` once ``R ≳ 3`` (10 classes: about 5× cheaper), and ``"factored"``
+  beats both; a conv net reuses each weight at many positions, ``F ≫ 2P`` (LeNet:
+  ``F ≈ 13 · 2P``), and ``"gram"`` or ``"factored"`` (its dense layers factored, its convs rest)
+  wins; for sequences ``R = 1`` and ``"gram"`` wins unless ``T² (d_in + d_out) < d_in·d_out``.
 
-Both are exact (no projection): the numbers equal a per-u :func:`ldjax.decompose` to float
+All are exact (no projection): the numbers equal a per-u :func:`ldjax.decompose` to float
 rounding. U is cut into chunks of ``chunk_size`` examples; each chunk is sharded over the mesh
 axis ``"u"`` and O (padded) over the optional axis ``"o"`` (``jax.sharding.NamedSharding``, one
 jitted program), so the same code runs on one CPU, 8 host devices, a GPU node or several hosts
