@@ -31,8 +31,9 @@ Algorithms (``method``):
   layer's input activations ``a`` and output cotangents ``δ`` (one backward pass per example,
   no weight gradient formed); of O, ``a`` and ``δ`` per readout, computed once. Every other
   parameter (biases, conv kernels, embeddings, LayerNorm scales, tied or shared weights, anything
-  inside ``scan``/``while``/``cond``) is *rest*, contracted as ``"gram"``. Per pair it costs
-  ``2·S_u·S_o·(d_in + R·d_out)`` per dense layer instead of ``2·d_in·d_out·R``: far cheaper for
+  inside ``scan``/``while``/``cond``) is *rest*, contracted as ``"gram"``. Per pair and dense
+  layer it costs ``2(d_in + R·d_out)`` at one position (``2·S_u·S_o·(d_in + d_out) +
+  2·S_o·d_out·R`` at ``S_u``, ``S_o`` positions) instead of ``2·d_in·d_out·R``: far cheaper for
   an MLP (``S = 1``; the MNIST MLP 784-128-128-10 with ``R = 1``: 1.3k against 118k FLOPs per
   pair), dearer for long sequences of narrow layers (``S² ≫ d``: the transformer's ``T²``
   position pairs), where ``"gram"`` wins. Plain SGD only (``eta``; not with ``optimizer``) and
@@ -43,7 +44,7 @@ Algorithms (``method``):
   analysis), ``R`` readouts per probe and ``P`` parameters, beyond the per-example backward
   passes that all share, ``"gram"`` costs ``≈ 3F·N_o·R`` once (the rows) plus ``2P·R`` per pair,
   ``"jvp"`` ``≈ 3F`` per pair and ``"factored"`` ``≈ 3F·N_o·R`` once plus
-  ``2·P_rest·R + Σ_k 2·S_u·S_o·(d_in + R·d_out + R)`` per pair. A dense MLP has ``F ≈ 2P``, so
+  ``2·P_rest·R`` plus each dense layer's cost above per pair. A dense MLP has ``F ≈ 2P``, so
   ``"jvp"`` beats ``"gram"`` once ``R ≳ 3`` (10 classes: about 5× cheaper), and ``"factored"``
   beats both; a conv net reuses each weight at many positions, ``F ≫ 2P`` (LeNet:
   ``F ≈ 13 · 2P``), and ``"gram"`` or ``"factored"`` (its dense layers factored, its convs rest)
@@ -161,10 +162,10 @@ def _example_grads(f, loss_fn, theta, xs1, kw1, hyper):
     return tuple(ravel_pytree(v(g)[0])[0] for v, g in zip(vjps, gs))
 
 
-def _ravel_list(arrays, lead=()):
-    """Arrays ``(*lead, ...)`` as one ``(*lead, n)`` (``n = 0`` for none)."""
+def _ravel_list(arrays, lead=(), dtype=None):
+    """Arrays ``(*lead, ...)`` as one ``(*lead, n)`` (``n = 0`` for none: zeros of ``dtype``)."""
     if not arrays:
-        return jnp.zeros(lead + (0,))
+        return jnp.zeros(lead + (0,), dtype)
     return jnp.concatenate([a.reshape(lead + (-1,)) for a in arrays], axis=-1)
 
 
@@ -206,7 +207,7 @@ def _example_factors(f, loss_fn, theta, xs1, kw1, hyper, leaves):
     out = []
     for v, g, a in zip(vjps, gs, acts):
         g_rest, deltas = v(g)
-        out.append((a, deltas, _ravel_list(g_rest)))
+        out.append((a, deltas, _ravel_list(g_rest, (), zs[0].dtype)))
     return tuple(out)
 
 
@@ -223,7 +224,7 @@ def _readout_factors(f, theta, x1, y1, m1, kind, leaves):
 
     (j_rest, deltas), acts = jax.jacrev(read, argnums=(0, 1), has_aux=True)(rest, taps)
     n_r = jax.eval_shape(lambda: read(rest, taps)[0]).shape[0]
-    return acts, deltas, _ravel_list(j_rest, (n_r,))
+    return acts, deltas, _ravel_list(j_rest, (n_r,), taps[0].dtype if taps else None)
 
 
 def _z_rows(f, theta, x1):
@@ -407,10 +408,10 @@ def _factored_dot(fu, fo):
                 du[:, 0], do[:, :, 0].reshape(n_o * r, -1), dims, precision=hi
             )
             total = total + kaa[:, :, None] * kdd.reshape(c, n_o, r)
-        else:  # S_u × S_o position pairs
+        else:  # S_u × S_o position pairs, then each readout's cotangents (no R·S² array)
             kaa = jnp.einsum("usi,oti->uost", au, ao, precision=hi)
-            kdd = jnp.einsum("usj,ortj->uorst", du, do, precision=hi)
-            total = total + jnp.einsum("uost,uorst->uor", kaa, kdd, precision=hi)
+            m = jnp.einsum("uost,usj->uotj", kaa, du, precision=hi)
+            total = total + jnp.einsum("uotj,ortj->uor", m, do, precision=hi)
     return total
 
 
@@ -522,9 +523,9 @@ def _one(x):
 
 def _factored_sizes(f, theta, x_o, x_u, readouts: int) -> dict:
     """``"factored"``'s sizes: ``pair`` the FLOPs per (u, o) pair, ``o_elems`` the numbers it
-    keeps per probe, ``pair_elems`` the largest per-pair intermediate of one layer (``S_u·S_o``
-    position pairs, ``1 + R`` of them; 0 when every layer has one position), ``leaves`` the
-    factored parameter leaves."""
+    keeps per probe, ``pair_elems`` the largest per-pair intermediate of one layer
+    (``S_u·S_o + S_o·d_out``; 0 when every layer has one position), ``leaves`` the factored
+    parameter leaves."""
     n_p = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(theta))
     lay_o = {lay.leaf: lay for lay in dense_factors.dense_layers(f, theta, _one(x_o))}
     lay_u = {lay.leaf: lay for lay in dense_factors.dense_layers(f, theta, _one(x_u))}
@@ -535,18 +536,22 @@ def _factored_sizes(f, theta, x_o, x_u, readouts: int) -> dict:
     for k in leaves:
         lo, lu = lay_o[k], lay_u[k]
         st = lo.positions * lu.positions
-        pair += 2.0 * st * (lo.d_in + r * lo.d_out) + 2.0 * st * r
+        if st == 1:  # (a_u·a_o)(δ_u·δ_o,r)
+            pair += 2.0 * (lo.d_in + r * lo.d_out) + 2.0 * r
+        else:  # K_a (S_u, S_o), then Σ_s K_a δ_u (S_o, d_out), then against δ_o,r
+            pair += 2.0 * st * (lo.d_in + lo.d_out) + 2.0 * lo.positions * lo.d_out * r
+            pair_elems = max(pair_elems, st + lo.positions * lo.d_out)
         o_elems += lo.positions * (lo.d_in + r * lo.d_out)
-        if st > 1:
-            pair_elems = max(pair_elems, st * (1 + r))
     return dict(pair=pair, o_elems=o_elems, pair_elems=pair_elems, leaves=tuple(leaves))
 
 
 def method_costs(f, theta, x_o, *, n_u: int, n_o: int, readouts: int, x_u: Any = None) -> dict:
     """Estimated FLOPs of the algorithms beyond the per-example backward passes they share (module
     docstring): ``{"gram": 3F·N_o·R + 2P·R·N_u·N_o, "jvp": 3F·N_u·N_o,
-    "factored": 3F·N_o·R + N_u·N_o·(2·P_rest·R + Σ_k 2·S_u·S_o·(d_in + R·d_out + R)),
-    "forward": F}`` with ``F`` the FLOPs of one probe's forward pass from XLA's cost analysis
+    "factored": 3F·N_o·R + N_u·N_o·(2·P_rest·R + Σ_k c_k), "forward": F}`` with ``c_k`` a dense
+    layer's FLOPs per pair, ``2(d_in + R·d_out) + 2R`` at one position,
+    ``2·S_u·S_o·(d_in + d_out) + 2·S_o·d_out·R`` at ``S_u``, ``S_o`` positions,
+    ``F`` the FLOPs of one probe's forward pass from XLA's cost analysis
     (``2P`` when the backend gives none), ``k`` the dense layers
     (:func:`ldjax._src.dense_factors.dense_layers`) at the shapes of one probe and one training
     example ``x_u`` (default: a probe's), ``P_rest`` the other parameters."""
