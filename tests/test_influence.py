@@ -31,8 +31,16 @@ def _seq_readout(d, y_o, m_o, per_token=False):
     return lin if per_token else lin.sum(-1)
 
 
-@pytest.mark.parametrize("method", ["gram", "jvp"])
-def test_classifier_pairs_equal_decompose_and_kernel_norms_equal_entk(method):
+@pytest.mark.parametrize("method", ["gram", "jvp", "jvp-bounded"])
+def test_classifier_pairs_equal_decompose_and_kernel_norms_equal_entk(method, monkeypatch):
+    mapped = []
+    budget = {}
+    if method == "jvp-bounded":  # a budget for one direction at a time: lax.map over them
+        method, budget = "jvp", dict(memory_budget=1)
+        real_map = jax.lax.map
+        monkeypatch.setattr(
+            jax.lax, "map", lambda *a, **k: mapped.append(k["batch_size"]) or real_map(*a, **k)
+        )
     with precision("float64"):
         f, p, x_o, x_u = small_model("mlp", "float64")
         x_u = jnp.concatenate([x_u, 0.5 * x_u[::-1] + 0.1])
@@ -50,8 +58,10 @@ def test_classifier_pairs_equal_decompose_and_kernel_norms_equal_entk(method):
             method=method,
             chunk_size=3,
             kernel_norms=method == "gram",
+            **budget,
         )
         assert inf.delta.shape == (4, 3, 5) and inf.readout == "class"
+        assert mapped == ([1] if budget else [])  # traced once: the chunk program
         for u in range(4):
             d = ldjax.decompose(
                 f,
@@ -411,3 +421,50 @@ def test_target_only_is_the_probe_class_of_the_full_readout():
                 loss_kwargs=kw["loss_kwargs"],
                 target_only=True,
             )
+
+
+@pytest.mark.slow  # ~10 s on 2 cores: every rebuilt optimizer compiles the chunk program again
+def test_a_streamed_optimizer_job_resumes_with_the_optimizer_built_again(tmp_path):
+    import optax
+
+    f, p, x_o, x_u = small_model("mlp", "float32")
+    y_u, y_o = jnp.array([0, 3]), jnp.array([2, 2, 0])
+
+    def run(lr, momentum=0.9):
+        tx = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(lr, momentum=momentum))
+        state = tx.init(p)
+        g = jax.grad(lambda q: jnp.sum(losses.sft(f(q, x_u), y_u)))(p)
+        _, state = tx.update(g, state, p)  # a state with momentum
+        return ldjax.influence(
+            f,
+            p,
+            x_u,
+            x_o,
+            losses.sft,
+            optimizer=tx,
+            opt_state=state,
+            loss_kwargs=dict(targets=y_u),
+            targets_o=y_o,
+            chunk_size=1,
+            audit_size=0,
+            out=str(tmp_path / "job"),
+        )
+
+    first = run(0.1)
+    again = run(0.1)  # a new optax object (new closures): the same job, nothing recomputed
+    assert first.chunks_computed == 2 and again.chunks_computed == 0
+    np.testing.assert_array_equal(np.asarray(again.delta), np.asarray(first.delta))
+    with pytest.raises(ValueError, match=r"another influence job.*optimizer"):
+        run(0.2)
+    with pytest.raises(ValueError, match=r"another influence job.*optimizer"):
+        run(0.1, momentum=0.5)
+
+
+def test_optimizer_fingerprint_names_the_update_not_the_object():
+    import optax
+
+    _, p, _, _ = small_model("mlp", "float32")
+    a = influence_module.optimizer_fingerprint(optax.adam(1e-3), optax.adam(1e-3).init(p), p)
+    b = influence_module.optimizer_fingerprint(optax.adam(1e-3), optax.adam(1e-3).init(p), p)
+    c = influence_module.optimizer_fingerprint(optax.adam(2e-3), optax.adam(2e-3).init(p), p)
+    assert a == b != c
