@@ -47,12 +47,28 @@ def test_shared_transposed_scanned_and_conv_weights_are_rest():
         h = h @ p["t"].T  # transposed before the product: not a bare operand
         h = jax.lax.scan(lambda c, _: (jnp.tanh(c @ p["in_scan"]), None), h, None, length=2)[0]
         h = jax.jit(lambda a, w: a @ w)(h, p["via_jit"])  # followed into the jit
+        h = jax.checkpoint(lambda a, w: jnp.tanh(a @ w))(h, p["remat"])  # and into checkpoint
         return jnp.einsum("oi,ni->no", p["lhs"], h) + p["b"]  # the weight as the lhs
 
-    p = {k: jnp.ones((3, 3)) for k in ("tied", "t", "in_scan", "via_jit", "lhs")}
+    p = {k: jnp.ones((3, 3)) for k in ("tied", "t", "in_scan", "via_jit", "remat", "lhs")}
     p["b"] = jnp.ones((3,))
     layers = dense_factors.dense_layers(f, p, jnp.ones((1, 3)))
-    assert _paths(layers) == ["['lhs']", "['via_jit']"]
+    assert _paths(layers) == ["['lhs']", "['remat']", "['via_jit']"]
+    # the tapped re-evaluation through those calls gives the plain output and the factors
+    q = {k: jnp.asarray(np.random.default_rng(3).normal(size=v.shape)) for k, v in p.items()}
+    x = jnp.asarray([[0.3, -0.2, 0.5]])
+    leaves = tuple(lay.leaf for lay in layers)
+    taps = dense_factors.zero_taps(f, q, x, leaves)
+    out, acts = dense_factors.apply_tapped(f, q, x, taps, leaves)
+    assert rel(out, f(q, x)) < 1e-6
+    deltas = jax.grad(lambda t: jnp.sum(dense_factors.apply_tapped(f, q, x, t, leaves)[0] ** 2))(
+        taps
+    )
+    g = jax.grad(lambda w: jnp.sum(f(w, x) ** 2))(q)
+    for lay, a, d in zip(layers, acts, deltas):
+        want = g[lay.path[2:-2]]
+        got = a.T @ d if lay.w_contract == 0 else (a.T @ d).T
+        assert rel(got, want) < 1e-5
     # LeNet: both conv kernels are rest, the three dense kernels factored
     lf, lp, lx, _ = small_model("lenet", "float32")
     assert _paths(dense_factors.dense_layers(lf, lp, lx[:1])) == [

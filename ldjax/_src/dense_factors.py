@@ -9,11 +9,15 @@ positions (``S`` of them; 1 for an MLP on one example, ``T`` for a sequence), ``
 operand at ``s`` (``d_in``) and ``δ_s`` the cotangent of the layer's output at ``s`` (``d_out``).
 Two such gradients have ``⟨g_W, g'_W⟩ = Σ_{s,t} (a_s·a'_t)(δ_s·δ'_t)`` without forming either.
 
-Everything is read from ``jax.make_jaxpr`` of ``apply_fn`` at one input's shape: ``jit`` /
-``pjit`` / ``closed_call`` sub-jaxprs are followed (``jnp.matmul`` and friends are ``jit``
-calls), every other primitive is taken as it is. A leaf used anywhere else, or twice (a tied or
-shared weight), or inside ``scan`` / ``while`` / ``cond`` / a custom-derivative rule, or not 2-D,
-is *rest*: its per-example gradient has to be formed in full.
+Everything is read from ``jax.make_jaxpr`` of ``apply_fn`` at one input's shape: ``jit``,
+``pjit``, ``closed_call`` and ``checkpoint`` sub-jaxprs are followed (``jnp.matmul`` and friends
+are ``jit`` calls), every other primitive is taken as it is. A leaf used anywhere else, or
+twice (a tied or shared weight), or inside ``scan`` / ``while`` / ``cond`` / a custom-derivative
+rule, or not 2-D, is *rest*: its per-example gradient has to be formed in full.
+
+:mod:`ldjax._src.structured` reads the same structure for the eNTK (with embedding tables and
+folded biases as well); this module keeps the one job influence's ``"factored"`` method needs:
+which leaves are dense weights, and the factors ``(a, δ)`` of their gradients.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import numpy as np
 from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-_CALLS = ("jit", "pjit", "closed_call", "core_call")
-"""Primitives whose sub-jaxpr is followed (their arguments map 1-1 onto its inputs)."""
+_CALLS = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat", "remat2")
+"""Primitives whose sub-jaxpr is followed (their arguments map 1-1 onto its inputs); a call that
+holds a tapped layer is evaluated inline (for ``checkpoint``: the same numbers, without the
+rematerialisation)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +48,8 @@ class DenseLayer:
         free size).
       d_in, d_out: the weight's contracted and free sizes.
       w_side: 0 when the weight is the ``dot_general``'s lhs, 1 when it is its rhs.
+      w_contract: the weight's contracted dim: its gradient is ``actsᵀ δ`` ``(d_in, d_out)``
+        when 0, the transpose when 1.
       a_contract: the contracted dim of the activation operand.
       out_shape, dtype: the ``dot_general``'s output shape and dtype (the tap's dtype).
     """
@@ -52,12 +60,14 @@ class DenseLayer:
     d_in: int
     d_out: int
     w_side: int
+    w_contract: int
     a_contract: int
     out_shape: tuple
     dtype: Any
 
 
 def _sub_jaxpr(eqn) -> ClosedJaxpr | None:
+    """The sub-jaxpr of a followed call (its arguments are the sub-jaxpr's inputs), else None."""
     if eqn.primitive.name not in _CALLS:
         return None
     sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
@@ -121,6 +131,7 @@ def _layout(eqn, pos: int) -> dict | None:
         d_in=int(d_in),
         d_out=int(d_out),
         w_side=pos,
+        w_contract=int(wc),
         a_contract=int(ac),
         out_shape=tuple(eqn.outvars[0].aval.shape),
         dtype=np.dtype(eqn.outvars[0].aval.dtype),
