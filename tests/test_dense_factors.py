@@ -59,12 +59,16 @@ def test_shared_transposed_scanned_and_conv_weights_are_rest():
     x = jnp.asarray([[0.3, -0.2, 0.5]])
     leaves = tuple(lay.leaf for lay in layers)
     taps = dense_factors.zero_taps(f, q, x, leaves)
-    out, acts = dense_factors.apply_tapped(f, q, x, taps, leaves)
-    assert rel(out, f(q, x)) < 1e-6
-    deltas = jax.grad(lambda t: jnp.sum(dense_factors.apply_tapped(f, q, x, t, leaves)[0] ** 2))(
-        taps
-    )
-    g = jax.grad(lambda w: jnp.sum(f(w, x) ** 2))(q)
+
+    @jax.jit  # one program: the tapped output, its factors, and the plain gradient
+    def both(taps):
+        tapped = lambda t: dense_factors.apply_tapped(f, q, x, t, leaves)  # noqa: E731
+        deltas = jax.grad(lambda t: jnp.sum(tapped(t)[0] ** 2))(taps)
+        g = jax.grad(lambda w: jnp.sum(f(w, x) ** 2))(q)
+        return tapped(taps) + (f(q, x), deltas, g)
+
+    out, acts, plain, deltas, g = both(taps)
+    assert rel(out, plain) < 1e-6
     for lay, a, d in zip(layers, acts, deltas):
         want = g[lay.path[2:-2]]
         got = a.T @ d if lay.w_contract == 0 else (a.T @ d).T

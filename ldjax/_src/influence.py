@@ -345,7 +345,8 @@ def _z_rows_fn(spec: _Spec, n_o_pad: int):
 @functools.lru_cache(maxsize=32)
 def _chunk_fn(spec: _Spec):
     """``(theta, rows_o | probes, zrows_o, xs_chunk, kw_chunk, hyper, eta) -> outputs`` of one chunk
-    of U: ``delta (c, N_o, R, B)`` and, with ``kernel_norms``, ``fro, trace (c, N_o)``."""
+    of U: ``delta (c, N_o, R, B)`` and, with ``kernel_norms``, ``fro, trace (c, N_o)``. For
+    ``"factored"`` ``rows_o`` holds the probes' factors (:func:`_factor_rows_fn`)."""
     f, loss_fn = spec.apply_fn, spec.loss_fn
     hi = jax.lax.Precision.HIGHEST
 
