@@ -2,7 +2,8 @@
 method="factored": which leaves are factored and which are rest, the tapped re-evaluation's factors
 against jax.grad, and factored influence equal to "gram" and to a per-u ldjax.decompose (float64
 to 1e-10, float32 to 1e-5) on the zoo MLP, LeNet (conv kernels rest) and the small transformer
-(S > 1 positions, the DPO y⁺/y⁻ terms), and on 8 host devices equal to one."""
+(S > 1 positions, the DPO y⁺/y⁻ terms), a penzai GPT-NeoX (plain and scanned), and on 8 host
+devices equal to one."""
 
 import subprocess
 import sys
@@ -293,3 +294,52 @@ def test_factored_on_eight_host_devices_equals_one_device_and_gram(tmp_path):
     )
     one, eight = (np.load(tmp_path / f"mlp_{k}.npz") for k in ("1", "8b"))
     assert rel(eight["delta"], one["delta"]) < 1e-6
+
+
+@pytest.mark.slow  # ~60 s: penzai models compile slowly on 2 cores
+def test_factored_on_a_penzai_gpt_neox_plain_and_scanned():
+    """Nothing in the discovery knows the model: a penzai GPT-NeoX (named-axis einsums, 3-D
+    attention weights) gets its MLP and head weights factored, the rest (3-D attention weights,
+    norms, embeddings; everything inside the scanned LayerStack) contracted as gram."""
+    pytest.importorskip("penzai")
+    import ldjax.llm as llm
+
+    rng = np.random.default_rng(0)
+    xo, xp, xn = (jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32) for _ in range(3))
+    m = jnp.zeros((2, 5), bool).at[:, 1:4].set(True)
+    yo, mo = jnp.roll(xo, -1, 1), jnp.ones((2, 5), bool).at[:, -1].set(False)
+    with precision("float64"):
+        for stack, n_factored in ((False, 5), (True, 1)):
+            cfg = llm.gpt_neox_config(
+                "tiny", vocab_size=11, dtype=jnp.float64, use_layer_stack=stack
+            )
+            f, p = llm.from_penzai(llm.build_gpt_neox(cfg, seed=0), dtype=jnp.float64)
+            layers = dense_factors.dense_layers(f, p, xo[:1])
+            assert len(layers) == n_factored and "lm_head" in layers[-1].path
+            kw = dict(
+                targets_pos=jnp.roll(xp, -1, 1),
+                targets_neg=jnp.roll(xn, -1, 1),
+                mask_pos=m,
+                mask_neg=m,
+                ref_logp_pos=jnp.asarray([0.1, -0.3]),
+                ref_logp_neg=jnp.asarray([-0.2, 0.4]),
+                beta=0.5,
+            )
+            got = {
+                method: ldjax.influence(
+                    f,
+                    p,
+                    (xp, xn),
+                    xo,
+                    losses.dpo,
+                    eta=1e-3,
+                    loss_kwargs=kw,
+                    targets_o=yo,
+                    mask_o=mo,
+                    method=method,
+                )
+                for method in ("factored", "gram")
+            }
+            for k in (0, 1):
+                assert rel(got["factored"].terms[k], got["gram"].terms[k]) < 1e-10
+            assert np.abs(np.asarray(got["gram"].terms[1])).max() > 0
