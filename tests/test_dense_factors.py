@@ -49,12 +49,18 @@ def test_shared_transposed_scanned_and_conv_weights_are_rest():
         h = jax.lax.scan(lambda c, _: (jnp.tanh(c @ p["in_scan"]), None), h, None, length=2)[0]
         h = jax.jit(lambda a, w: a @ w)(h, p["via_jit"])  # followed into the jit
         h = jax.checkpoint(lambda a, w: jnp.tanh(a @ w))(h, p["remat"])  # and into checkpoint
+        heads = jnp.tanh(jnp.einsum("ni,ihd->nhd", h, p["qkv"]))  # a 3-D weight, one dim contracted
+        h = h + jnp.einsum("nhd,hdo->no", heads, p["out3"])  # two dims contracted
         return jnp.einsum("oi,ni->no", p["lhs"], h) + p["b"]  # the weight as the lhs
 
     p = {k: jnp.ones((3, 3)) for k in ("tied", "t", "in_scan", "via_jit", "remat", "lhs")}
     p["b"] = jnp.ones((3,))
+    p["qkv"], p["out3"] = jnp.ones((3, 2, 4)), jnp.ones((2, 4, 3))
     layers = dense_factors.dense_layers(f, p, jnp.ones((1, 3)))
-    assert _paths(layers) == ["['lhs']", "['remat']", "['via_jit']"]
+    assert _paths(layers) == ["['lhs']", "['out3']", "['qkv']", "['remat']", "['via_jit']"]
+    by_path = {lay.path: lay for lay in layers}
+    assert (by_path["['out3']"].d_in, by_path["['out3']"].d_out) == (8, 3)
+    assert (by_path["['qkv']"].d_in, by_path["['qkv']"].d_out) == (3, 8)
     # the tapped re-evaluation through those calls gives the plain output and the factors
     q = {k: jnp.asarray(np.random.default_rng(3).normal(size=v.shape)) for k, v in p.items()}
     x = jnp.asarray([[0.3, -0.2, 0.5]])
@@ -72,8 +78,7 @@ def test_shared_transposed_scanned_and_conv_weights_are_rest():
     assert rel(out, plain) < 1e-6
     for lay, a, d in zip(layers, acts, deltas):
         want = g[lay.path[2:-2]]
-        got = a.T @ d if lay.w_contract == 0 else (a.T @ d).T
-        assert rel(got, want) < 1e-5
+        assert rel(dense_factors.weight_grad(lay, a, d), want) < 1e-5
     # LeNet: both conv kernels are rest, the three dense kernels factored
     lf, lp, lx, _ = small_model("lenet", "float32")
     assert _paths(dense_factors.dense_layers(lf, lp, lx[:1])) == [
@@ -118,6 +123,7 @@ def test_tapped_factors_give_the_weight_gradients():
         gw = jax.grad(lambda w: loss(fl(w, xl)))(q)["w"]
         assert (lay.positions, lay.d_in, lay.d_out) == (4, 3, 5)
         assert rel(a.T @ d, gw.T) < 1e-12
+        assert rel(dense_factors.weight_grad(lay, a, d), gw) < 1e-12
 
 
 def _per_u(f, p, x_o, x_u, kw_u, eta):
@@ -299,8 +305,9 @@ def test_factored_on_eight_host_devices_equals_one_device_and_gram(tmp_path):
 @pytest.mark.slow  # ~60 s: penzai models compile slowly on 2 cores
 def test_factored_on_a_penzai_gpt_neox_plain_and_scanned():
     """Nothing in the discovery knows the model: a penzai GPT-NeoX (named-axis einsums, 3-D
-    attention weights) gets its MLP and head weights factored, the rest (3-D attention weights,
-    norms, embeddings; everything inside the scanned LayerStack) contracted as gram."""
+    attention weights) gets its attention (q, k, v, output: 3-D, one or two dims contracted), MLP
+    and head weights factored (6 per block and the head), the rest (norms, embeddings; everything
+    inside the scanned LayerStack) contracted as gram."""
     pytest.importorskip("penzai")
     import ldjax.llm as llm
 
@@ -309,7 +316,7 @@ def test_factored_on_a_penzai_gpt_neox_plain_and_scanned():
     m = jnp.zeros((2, 5), bool).at[:, 1:4].set(True)
     yo, mo = jnp.roll(xo, -1, 1), jnp.ones((2, 5), bool).at[:, -1].set(False)
     with precision("float64"):
-        for stack, n_factored in ((False, 5), (True, 1)):
+        for stack, n_factored in ((False, 13), (True, 1)):
             cfg = llm.gpt_neox_config(
                 "tiny", vocab_size=11, dtype=jnp.float64, use_layer_stack=stack
             )

@@ -2,18 +2,21 @@
 that exposes each one's input activations and output cotangents (the factors of its per-example
 weight gradient, as in ghost clipping and LoGra).
 
-A parameter leaf ``W`` used exactly once, as one operand of a ``dot_general`` that contracts one
-of its two dims with no batch dims (``a @ W``, ``W @ a``, flax ``Dense``, an einsum of that shape),
-has the per-example gradient ``g_W = Σ_s a_s δ_sᵀ``: ``s`` runs over the other operand's free
+A parameter leaf ``W`` used exactly once, as one operand of a ``dot_general`` that contracts
+some of its dims with no batch dims (``a @ W``, ``W @ a``, flax ``Dense`` / ``DenseGeneral``,
+attention projections ``(d, heads, d_head)``, an einsum of that shape), has the per-example
+gradient ``g_W = Σ_s a_s δ_sᵀ`` (in W's layout): ``s`` runs over the other operand's free
 positions (``S`` of them; 1 for an MLP on one example, ``T`` for a sequence), ``a_s`` is the
-operand at ``s`` (``d_in``) and ``δ_s`` the cotangent of the layer's output at ``s`` (``d_out``).
+operand at ``s`` over the contracted dims (``d_in`` numbers) and ``δ_s`` the cotangent of the
+layer's output at ``s`` (``d_out``, W's free dims).
 Two such gradients have ``⟨g_W, g'_W⟩ = Σ_{s,t} (a_s·a'_t)(δ_s·δ'_t)`` without forming either.
 
 Everything is read from ``jax.make_jaxpr`` of ``apply_fn`` at one input's shape: ``jit``,
 ``pjit``, ``closed_call`` and ``checkpoint`` sub-jaxprs are followed (``jnp.matmul`` and friends
 are ``jit`` calls), every other primitive is taken as it is. A leaf used anywhere else, or
 twice (a tied or shared weight), or inside ``scan`` / ``while`` / ``cond`` / a custom-derivative
-rule, or not 2-D, is *rest*: its per-example gradient has to be formed in full.
+rule, or in a ``dot_general`` with batch dims, is *rest*: its per-example gradient has to be
+formed in full.
 
 :mod:`ldjax._src.structured` reads the same structure for the eNTK (with embedding tables and
 folded biases as well); this module keeps the one job influence's ``"factored"`` method needs:
@@ -46,11 +49,12 @@ class DenseLayer:
       path: its ``jax.tree_util.keystr`` path (for messages and tests).
       positions: ``S``, the number of positions the weight is applied at (the other operand's
         free size).
-      d_in, d_out: the weight's contracted and free sizes.
+      d_in, d_out: the weight's contracted and free sizes (products over its dims).
       w_side: 0 when the weight is the ``dot_general``'s lhs, 1 when it is its rhs.
-      w_contract: the weight's contracted dim: its gradient is ``actsᵀ δ`` ``(d_in, d_out)``
-        when 0, the transpose when 1.
-      a_contract: the contracted dim of the activation operand.
+      w_shape: the weight's shape.
+      w_contract: the weight's contracted dims (paired in order with ``a_perm``'s last ones):
+        :func:`weight_grad` puts ``actsᵀ δ`` back in the weight's layout.
+      a_perm: the activation operand's dims as ``(free..., contracted...)``.
       out_shape, dtype: the ``dot_general``'s output shape and dtype (the tap's dtype).
     """
 
@@ -60,8 +64,9 @@ class DenseLayer:
     d_in: int
     d_out: int
     w_side: int
-    w_contract: int
-    a_contract: int
+    w_shape: tuple
+    w_contract: tuple
+    a_perm: tuple
     out_shape: tuple
     dtype: Any
 
@@ -112,27 +117,29 @@ def _collect_uses(closed: ClosedJaxpr, alias: dict, uses: dict) -> None:
 
 
 def _layout(eqn, pos: int) -> dict | None:
-    """The layout of ``dot_general`` ``eqn`` when its operand ``pos`` is a weight it can factor:
-    2-D, one dim contracted, no batch dims; else None."""
+    """The layout of ``dot_general`` ``eqn`` when its operand ``pos`` is a weight it can factor
+    (some dims contracted, no batch dims); else None."""
     if eqn is None or eqn.primitive is not lax.dot_general_p or pos not in (0, 1):
         return None
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    if lb or rb or len(lc) != 1:
+    if lb or rb:
         return None
     w, a = eqn.invars[pos], eqn.invars[1 - pos]
-    if len(w.aval.shape) != 2:
+    wc = tuple(int(d) for d in (lc, rc)[pos])
+    ac = tuple(int(d) for d in (lc, rc)[1 - pos])
+    if not wc:
         return None
-    wc = (lc, rc)[pos][0]
-    ac = (lc, rc)[1 - pos][0]
-    d_in, d_out = w.aval.shape[wc], w.aval.shape[1 - wc]
-    s = int(np.prod([n for i, n in enumerate(a.aval.shape) if i != ac], dtype=np.int64))
+    w_shape = tuple(int(n) for n in w.aval.shape)
+    prod = lambda dims, shape: int(np.prod([shape[d] for d in dims], dtype=np.int64))  # noqa: E731
+    a_free = tuple(d for d in range(len(a.aval.shape)) if d not in ac)
     return dict(
-        positions=s,
-        d_in=int(d_in),
-        d_out=int(d_out),
+        positions=prod(a_free, a.aval.shape),
+        d_in=prod(wc, w_shape),
+        d_out=prod([d for d in range(len(w_shape)) if d not in wc], w_shape),
         w_side=pos,
-        w_contract=int(wc),
-        a_contract=int(ac),
+        w_shape=w_shape,
+        w_contract=wc,
+        a_perm=a_free + ac,
         out_shape=tuple(eqn.outvars[0].aval.shape),
         dtype=np.dtype(eqn.outvars[0].aval.dtype),
     )
@@ -264,7 +271,7 @@ def _eval(closed: ClosedJaxpr, args, alias, tap_of, by_leaf, acts) -> list:
             k = tapped[0]
             lay = by_leaf[k]
             a = invals[1 - lay["w_side"]]
-            acts[k] = jnp.moveaxis(a, lay["a_contract"], -1).reshape(lay["positions"], lay["d_in"])
+            acts[k] = jnp.transpose(a, lay["a_perm"]).reshape(lay["positions"], lay["d_in"])
             tap = tap_of[k]
             tap = tap if lay["w_side"] == 1 else tap.T
             ans = ans + tap.reshape(lay["out_shape"]).astype(ans.dtype)
@@ -274,3 +281,13 @@ def _eval(closed: ClosedJaxpr, args, alias, tap_of, by_leaf, acts) -> list:
         else:
             env[eqn.outvars[0]] = ans
     return [read(v) for v in jaxpr.outvars]
+
+
+def weight_grad(layer: DenseLayer, acts, deltas):
+    """``Σ_s a_s δ_sᵀ`` from one example's factors ``acts (S, d_in)``, ``deltas (S, d_out)``, in
+    the weight's own layout ``layer.w_shape`` (the weight's gradient)."""
+    g = acts.T @ deltas
+    free = tuple(d for d in range(len(layer.w_shape)) if d not in layer.w_contract)
+    order = layer.w_contract + free
+    g = g.reshape(tuple(layer.w_shape[d] for d in order))
+    return jnp.transpose(g, tuple(int(i) for i in np.argsort(order)))

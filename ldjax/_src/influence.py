@@ -24,7 +24,7 @@ Algorithms (``method``):
   whose rows do not fit.
 * ``"factored"``: ``"gram"`` without forming the dense layers' gradients (the "ghost" inner
   product of ghost clipping and LoGra). A parameter used only as the weight of one dense
-  ``dot_general`` (``a @ W``: 2-D, one dim contracted, no batch dims; found in the jaxpr of
+  ``dot_general`` (``a @ W``: some of W's dims contracted, no batch dims; found in the jaxpr of
   ``apply_fn`` by :mod:`ldjax._src.dense_factors`, whatever the model) has the per-example gradient
   ``Σ_s a_s δ_sᵀ`` over the ``S`` positions it is applied at, so
   ``⟨g_W^o, g_W^u⟩ = Σ_{s,t} (a_o,s·a_u,t)(δ_o,s·δ_u,t)``. Per chunk of U it keeps each dense
