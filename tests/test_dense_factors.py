@@ -79,6 +79,11 @@ def test_shared_transposed_scanned_and_conv_weights_are_rest():
     for lay, a, d in zip(layers, acts, deltas):
         want = g[lay.path[2:-2]]
         assert rel(dense_factors.weight_grad(lay, a, d), want) < 1e-5
+    # the zoo transformer: its 7 kernels at T = 7 positions; embeddings, LayerNorms, biases rest
+    tf, tp, tx, _ = small_model("transformer", "float32")
+    t_layers = dense_factors.dense_layers(tf, tp, tx[:1])
+    assert len(t_layers) == 7 and {lay.positions for lay in t_layers} == {7}
+    assert all(lay.path.endswith("['kernel']") for lay in t_layers)
     # LeNet: both conv kernels are rest, the three dense kernels factored
     lf, lp, lx, _ = small_model("lenet", "float32")
     assert _paths(dense_factors.dense_layers(lf, lp, lx[:1])) == [
@@ -86,6 +91,7 @@ def test_shared_transposed_scanned_and_conv_weights_are_rest():
     ]
 
 
+@pytest.mark.slow  # 3.5–5.5 s on 2 shared cores: the transformer's programs compile slowly
 def test_tapped_factors_give_the_weight_gradients():
     with precision("float64"):
         f, p, _, x_u = small_model("transformer", "float64")
@@ -112,6 +118,13 @@ def test_tapped_factors_give_the_weight_gradients():
         for k, a, d in zip(leaves, acts, deltas):
             assert a.shape == (7, layers[k].d_in) and d.shape == (7, layers[k].d_out)
             assert rel(a.T @ d, g[k]) < 1e-12
+
+
+def test_tapped_factors_of_a_weight_on_the_lhs_at_four_positions():
+    def loss(z):
+        return jnp.sum(jnp.sin(z) * jnp.arange(z.size).reshape(z.shape))
+
+    with precision("float64"):
         # the weight as a dot_general's lhs: g = (aᵀ δ)ᵀ
         fl = lambda q, x: jnp.einsum("oi,nti->nto", q["w"], x)  # noqa: E731
         q = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)))}
