@@ -15,8 +15,9 @@ Sections (float32; every ratio from runs side by side in this one invocation):
    TracIn-at-one-checkpoint matrix ``−η g_oᵀ g_u`` (the first-order change of each probe's loss)
    by ``ldjax.influence(target_only=True).delta_loss_o`` against ``torch.func.vmap(grad)`` plus
    one matmul per chunk (``benchmarks/torch_influence.py``, run in its own venv on the same
-   weights and data, saved to an .npz); values compared, warm medians of ``--repeats``, the two
-   alternating.
+   weights and data, saved to an .npz); values compared, warm medians of ``--repeats``, the
+   three alternating: ldjax with the method ``"auto"`` picks (named in the row; ``"factored"``
+   for this MLP), ldjax with ``method="gram"``, and torch.
 3. ``rss``: peak RSS of a streamed job (``out=`` a folder) on the MLP with U = 8,000 against
    U = 1,000 (O = 100), each in a fresh process (``ru_maxrss``).
 4. ``devices``: LeNet on 8 host devices (mesh u=4, o=2) against 1 device in fresh processes:
@@ -201,16 +202,23 @@ def section_torch(args) -> list:
     kw = dict(
         eta=eta, loss_kwargs=dict(targets=yu), targets_o=yo, target_only=True, chunk_size=args.chunk
     )
-    run = lambda: ldjax.influence(f, p, xu, xo, losses.sft, **kw)  # noqa: E731
+    run = lambda method="auto": ldjax.influence(f, p, xu, xo, losses.sft, method=method, **kw)  # noqa: E731
     t = time.perf_counter()
-    inf = run()
+    inf = run()  # the method "auto" picks
     t_first = time.perf_counter() - t
-    t_jax, t_torch, torch_info = [], [], None
+    t = time.perf_counter()
+    gram = run("gram")
+    t_first_gram = time.perf_counter() - t
+    t_jax, t_gram, t_torch, torch_info = [], [], [], None
     for _ in range(args.repeats):
         t = time.perf_counter()
         inf = run()
         np.asarray(inf.delta_loss_o)
         t_jax.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        gram = run("gram")
+        np.asarray(gram.delta_loss_o)
+        t_gram.append(time.perf_counter() - t)
         r = subprocess.run(
             [
                 args.torch,
@@ -232,18 +240,29 @@ def section_torch(args) -> list:
         t_torch.append(torch_info["median"])
     m_t = np.load(tmp / "out.npz")["M"]
     m_j = np.asarray(inf.delta_loss_o)
+    m_g = np.asarray(gram.delta_loss_o)
     err = float(np.linalg.norm(m_j - m_t) / np.linalg.norm(m_t))
+    err_g = float(np.linalg.norm(m_g - m_t) / np.linalg.norm(m_t))
+    err_jg = float(np.linalg.norm(m_j - m_g) / np.linalg.norm(m_g))
     tj, tt = float(np.median(t_jax)), float(np.median(t_torch))
+    tg = float(np.median(t_gram))
     n_p = sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(p))
     backend = jax.default_backend()
     return [
         (
             f"MLP 784-128-128-10 ({n_p:,} params) U={args.u} O={args.o}, TracIn −η g_oᵀg_u "
             f"[{backend}]",
-            f"ldjax.influence(target_only) (warm, {inf.method})",
+            f"ldjax.influence(target_only) (warm, method auto -> {inf.method})",
             f"{tj:.2f} s",
             f"{args.u * args.o / tj:,.0f} pairs/s",
-            f"first call {t_first:.1f} s",
+            f"first call {t_first:.1f} s; rel. diff vs gram {err_jg:.1e}",
+        ),
+        (
+            "",
+            "ldjax.influence(target_only) (warm, method gram)",
+            f"{tg:.2f} s",
+            f"{args.u * args.o / tg:,.0f} pairs/s",
+            f"first call {t_first_gram:.1f} s; rel. diff vs torch {err_g:.1e}",
         ),
         (
             "",
@@ -253,7 +272,8 @@ def section_torch(args) -> list:
             f"{args.u * args.o / tt:,.0f} pairs/s",
             f"rel. diff of the matrices {err:.1e}",
         ),
-        ("", "ratio torch / ldjax (time)", "", f"{tt / tj:.2f}x", "target >= 1.5x"),
+        ("", f"ratio torch / ldjax {inf.method} (time)", "", f"{tt / tj:.2f}x", "target >= 1.5x"),
+        ("", "ratio torch / ldjax gram (time)", "", f"{tt / tg:.2f}x", ""),
     ], None
 
 

@@ -22,15 +22,35 @@ Algorithms (``method``):
 * ``"jvp"``: nothing of O is kept; each chunk of U costs its per-example gradients and one JVP of
   the readout of every probe along each of them (``chunk × N_o`` forward-mode passes). For models
   whose rows do not fit.
-* ``"auto"``: the cheaper of the two in FLOPs (:func:`method_costs`), ``"gram"`` only when its
-  rows fit ``memory_budget``. With ``F`` the FLOPs of one probe's forward pass (XLA's cost
-  analysis), ``R`` readouts per probe and ``P`` parameters, beyond the per-example gradients
-  that both share, ``"gram"`` costs ``≈ 3F·N_o·R`` once (the rows) plus ``2P·R`` per pair and
-  ``"jvp"`` ``≈ 3F`` per pair. A dense MLP has ``F ≈ 2P``, so ``"jvp"`` wins once ``R ≳ 3``
-  (10 classes: about 5× cheaper); a conv net reuses each weight at many positions, ``F ≫ 2P``
-  (LeNet: ``F ≈ 13 · 2P``), and ``"gram"`` wins; for sequences ``R = 1`` and ``"gram"`` wins.
+* ``"factored"``: ``"gram"`` without forming the dense layers' gradients (the "ghost" inner
+  product of ghost clipping and LoGra). A parameter used only as the weight of one dense
+  ``dot_general`` (``a @ W``: some of W's dims contracted, no batch dims; found in the jaxpr of
+  ``apply_fn`` by :mod:`ldjax._src.dense_factors`, whatever the model) has the per-example gradient
+  ``Σ_s a_s δ_sᵀ`` over the ``S`` positions it is applied at, so
+  ``⟨g_W^o, g_W^u⟩ = Σ_{s,t} (a_o,s·a_u,t)(δ_o,s·δ_u,t)``. Per chunk of U it keeps each dense
+  layer's input activations ``a`` and output cotangents ``δ`` (one backward pass per example,
+  no weight gradient formed); of O, ``a`` and ``δ`` per readout, computed once. Every other
+  parameter (biases, conv kernels, embeddings, LayerNorm scales, tied or shared weights, anything
+  inside ``scan``/``while``/``cond``) is *rest*, contracted as ``"gram"``. Per pair and dense
+  layer it costs ``2(d_in + R·d_out)`` at one position (``2·S_u·S_o·(d_in + d_out) +
+  2·S_o·d_out·R`` at ``S_u``, ``S_o`` positions) instead of ``2·d_in·d_out·R``: far cheaper for
+  an MLP (``S = 1``; the MNIST MLP 784-128-128-10 with ``R = 1``: 1.3k against 118k FLOPs per
+  pair), dearer for long sequences of narrow layers (``S² ≫ d``: the transformer's ``T²``
+  position pairs), where ``"gram"`` wins. Plain SGD only (``eta``; not with ``optimizer``) and
+  not with ``kernel_norms``.
+* ``"auto"``: the cheapest in FLOPs (:func:`method_costs`), ``"gram"`` only when its rows fit
+  ``memory_budget``, ``"factored"`` only when its kept factors (and, for ``S > 1``, a chunk's
+  position-pair products) fit it. With ``F`` the FLOPs of one probe's forward pass (XLA's cost
+  analysis), ``R`` readouts per probe and ``P`` parameters, beyond the per-example backward
+  passes that all share, ``"gram"`` costs ``≈ 3F·N_o·R`` once (the rows) plus ``2P·R`` per pair,
+  ``"jvp"`` ``≈ 3F`` per pair and ``"factored"`` ``≈ 3F·N_o·R`` once plus
+  ``2·P_rest·R`` plus each dense layer's cost above per pair. A dense MLP has ``F ≈ 2P``, so
+  ``"jvp"`` beats ``"gram"`` once ``R ≳ 3`` (10 classes: about 5× cheaper), and ``"factored"``
+  beats both; a conv net reuses each weight at many positions, ``F ≫ 2P`` (LeNet:
+  ``F ≈ 13 · 2P``), and ``"gram"`` or ``"factored"`` (its dense layers factored, its convs rest)
+  wins; for sequences ``R = 1`` and ``"gram"`` wins unless ``T² (d_in + d_out) < d_in·d_out``.
 
-Both are exact (no projection): the numbers equal a per-u :func:`ldjax.decompose` to float
+All are exact (no projection): the numbers equal a per-u :func:`ldjax.decompose` to float
 rounding. U is cut into chunks of ``chunk_size`` examples; each chunk is sharded over the mesh
 axis ``"u"`` and O (padded) over the optional axis ``"o"`` (``jax.sharding.NamedSharding``, one
 jitted program), so the same code runs on one CPU, 8 host devices, a GPU node or several hosts
@@ -55,12 +75,12 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ldjax._src import validate
+from ldjax._src import dense_factors, validate
 from ldjax._src.actual_step import actual_step
 from ldjax._src.optimizer_update import update_parts
 from ldjax._src.trainable import branches, trainable_fn
 
-METHODS = ("auto", "gram", "jvp")
+METHODS = ("auto", "gram", "jvp", "factored")
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 JVP_WORK = 8
 """Logits-sized arrays counted per (direction, probe) JVP of ``"jvp"``. XLA's memory analysis of
@@ -90,7 +110,8 @@ class Influence:
       path: the on-disk folder when the results were streamed there (``out=``), else None.
       delta_carry: with an optimizer, ``(N_o, ...)``: what the optimizer's state moves on every
         probe whatever u (momentum, decoupled weight decay), in ``delta``'s readout layout.
-      method: the algorithm that ran, ``"gram"`` or ``"jvp"`` (``"auto"`` resolved by cost).
+      method: the algorithm that ran, ``"gram"``, ``"jvp"`` or ``"factored"`` (``"auto"``
+        resolved by cost).
       chunks_computed, chunks: chunks of U computed by this call, of all (with ``out``, the
         others were already on disk).
     """
@@ -118,7 +139,11 @@ def _add_batch(tree):
 
 def _readout(f, theta, x1, y1, m1, kind):
     """The readout values of one probe ``x1`` (no batch axis): ``(R,)``."""
-    z = f(theta, _add_batch(x1))[0]
+    return _pick(f(theta, _add_batch(x1))[0], y1, m1, kind)
+
+
+def _pick(z, y1, m1, kind):
+    """The readout values ``(R,)`` of one probe's logits ``z`` (no batch axis)."""
     lp = jax.nn.log_softmax(z, axis=-1)
     if kind == "class":
         return lp
@@ -153,6 +178,71 @@ def _example_grads(f, loss_fn, theta, xs1, kw1, hyper):
     return tuple(ravel_pytree(v(g)[0])[0] for v, g in zip(vjps, gs))
 
 
+def _ravel_list(arrays, lead=(), dtype=None):
+    """Arrays ``(*lead, ...)`` as one ``(*lead, n)`` (``n = 0`` for none: zeros of ``dtype``)."""
+    if not arrays:
+        return jnp.zeros(lead + (0,), dtype)
+    return jnp.concatenate([a.reshape(lead + (-1,)) for a in arrays], axis=-1)
+
+
+def _rest_split(theta, leaves):
+    """The leaves of ``theta`` not in ``leaves`` (the factored ones), and ``full(rest) -> theta``
+    with those replaced."""
+    flat, tdef = jax.tree_util.tree_flatten(theta)
+    idx = [k for k in range(len(flat)) if k not in leaves]
+
+    def full(rest):
+        vals = list(flat)
+        for k, v in zip(idx, rest):
+            vals[k] = v
+        return tdef.unflatten(vals)
+
+    return [flat[k] for k in idx], full
+
+
+def _example_factors(f, loss_fn, theta, xs1, kw1, hyper, leaves):
+    """Per branch of one example's loss: the factors of its gradient, ``(acts, deltas, g_rest)``:
+    per dense layer ``leaves[i]`` its input activations ``(S, d_in)`` and output cotangents
+    ``(S, d_out)``, and the rest's gradient ``(P_rest,)`` (:mod:`ldjax._src.dense_factors`)."""
+    rest, full = _rest_split(theta, leaves)
+    zs, vjps, acts = [], [], []
+    for x in xs1:
+        xb = _add_batch(x)
+        taps = dense_factors.zero_taps(f, theta, xb, leaves)
+        z, vjp, a = jax.vjp(
+            lambda r, t, xb=xb: dense_factors.apply_tapped(f, full(r), xb, t, leaves),
+            rest,
+            taps,
+            has_aux=True,
+        )
+        zs.append(z)
+        vjps.append(vjp)
+        acts.append(a)
+    kw = dict(_add_batch(kw1), **hyper)
+    gs = jax.grad(lambda *z: jnp.sum(loss_fn(*z, **kw)), argnums=tuple(range(len(zs))))(*zs)
+    out = []
+    for v, g, a in zip(vjps, gs, acts):
+        g_rest, deltas = v(g)
+        out.append((a, deltas, _ravel_list(g_rest, (), zs[0].dtype)))
+    return tuple(out)
+
+
+def _readout_factors(f, theta, x1, y1, m1, kind, leaves):
+    """One probe's readout Jacobian in factors: ``(acts, deltas, rows_rest)``, per dense layer
+    ``(S, d_in)`` and ``(R, S, d_out)``, and the rest's rows ``(R, P_rest)``."""
+    rest, full = _rest_split(theta, leaves)
+    xb = _add_batch(x1)
+    taps = dense_factors.zero_taps(f, theta, xb, leaves)
+
+    def read(r, t):
+        z, a = dense_factors.apply_tapped(f, full(r), xb, t, leaves)
+        return _pick(z[0], y1, m1, kind), a
+
+    (j_rest, deltas), acts = jax.jacrev(read, argnums=(0, 1), has_aux=True)(rest, taps)
+    n_r = jax.eval_shape(lambda: read(rest, taps)[0]).shape[0]
+    return acts, deltas, _ravel_list(j_rest, (n_r,), taps[0].dtype if taps else None)
+
+
 def _z_rows(f, theta, x1):
     """Jacobian rows of the logits of one classifier input: ``(V, P)``."""
     rows = jax.jacrev(lambda th: f(th, _add_batch(x1))[0])(theta)
@@ -178,6 +268,8 @@ class _Spec:
     o_axis: str | None
     optimizer: Any = None
     dir_batch: int = 0  # "jvp": directions of U pushed through the probes at once (0: all)
+    factored: tuple = ()
+    """``"factored"``: the parameter leaves taken as dense layers (the others are "rest")."""
 
 
 def _shard(spec, *axes):
@@ -223,6 +315,26 @@ def _readout_rows_fn(spec: _Spec, n_o_pad: int):
 
 
 @functools.lru_cache(maxsize=32)
+def _factor_rows_fn(spec: _Spec, n_o_pad: int):
+    """``"factored"``: the probes' readout Jacobians in factors (:func:`_readout_factors`), each
+    array ``(N_o_pad, ...)`` sharded over ``"o"``, computed like :func:`_readout_rows_fn`."""
+    f = spec.apply_fn
+
+    def rows(theta, x_o, y_o, m_o):
+        def one(x1, y1, m1):
+            return _readout_factors(f, theta, x1, y1, m1, spec.kind, spec.factored)
+
+        return jax.vmap(one)(x_o, y_o, m_o)
+
+    allp = P(_all_axes(spec))
+    local = _local(spec, rows, (P(), allp, allp, allp), allp)
+    return jax.jit(
+        lambda *a: jax.tree_util.tree_map(lambda v: v[:n_o_pad], local(*a)),
+        out_shardings=_shard(spec, spec.o_axis),
+    )
+
+
+@functools.lru_cache(maxsize=32)
 def _z_rows_fn(spec: _Spec, n_o_pad: int):
     f = spec.apply_fn
     allp = P(_all_axes(spec))
@@ -238,11 +350,25 @@ def _z_rows_fn(spec: _Spec, n_o_pad: int):
 @functools.lru_cache(maxsize=32)
 def _chunk_fn(spec: _Spec):
     """``(theta, rows_o | probes, zrows_o, xs_chunk, kw_chunk, hyper, eta) -> outputs`` of one chunk
-    of U: ``delta (c, N_o, R, B)`` and, with ``kernel_norms``, ``fro, trace (c, N_o)``."""
+    of U: ``delta (c, N_o, R, B)`` and, with ``kernel_norms``, ``fro, trace (c, N_o)``. For
+    ``"factored"`` ``rows_o`` holds the probes' factors (:func:`_factor_rows_fn`)."""
     f, loss_fn = spec.apply_fn, spec.loss_fn
     hi = jax.lax.Precision.HIGHEST
 
     def program(theta, rows_o, probes, zrows_o, xs, kw, hyper, eta, opt_state):
+        if spec.method == "factored":  # plain SGD, no kernel norms (checked by influence)
+
+            def factors(theta, xs, kw, hyper):
+                return jax.vmap(
+                    lambda xs1, kw1: _example_factors(
+                        f, loss_fn, theta, xs1, kw1, hyper, spec.factored
+                    )
+                )(xs, kw)
+
+            u_spec = P(spec.u_axis)
+            facs = _local(spec, factors, (P(), u_spec, u_spec, P()), u_spec)(theta, xs, kw, hyper)
+            return (jnp.stack([-eta * _factored_dot(fb, rows_o) for fb in facs], axis=-1),)
+
         def per_example(theta, xs, kw, hyper):
             g = jax.vmap(lambda xs1, kw1: _example_grads(f, loss_fn, theta, xs1, kw1, hyper))(
                 xs, kw
@@ -278,6 +404,33 @@ def _chunk_fn(spec: _Spec):
     u, o = spec.u_axis, spec.o_axis
     outs = (_shard(spec, u, o),) + ((_shard(spec, u, o),) * 2 if spec.kernel_norms else ())
     return jax.jit(program, out_shardings=outs)
+
+
+def _factored_dot(fu, fo):
+    """``⟨readout rows of o, g_u⟩`` ``(c, N_o, R)`` from factors: ``fu`` of a chunk of U
+    (:func:`_example_factors`, batched: ``(c, S, d_in)``, ``(c, S, d_out)``, ``(c, P_rest)``) and
+    ``fo`` of the probes (:func:`_readout_factors`, batched). Per dense layer
+    ``Σ_{s,t} (a_u,s·a_o,t)(δ_u,s·δ_o,r,t)``, plus the rest's ``g_rest · rows_rest``."""
+    hi = jax.lax.Precision.HIGHEST
+    dims = (((1,), (1,)), ((), ()))
+    a_u, d_u, g_u = fu
+    a_o, d_o, rows = fo
+    c = g_u.shape[0]
+    n_o, r, n_p = rows.shape
+    total = jax.lax.dot_general(g_u, rows.reshape(n_o * r, n_p), dims, precision=hi)
+    total = total.reshape(c, n_o, r)
+    for au, du, ao, do in zip(a_u, d_u, a_o, d_o):
+        if au.shape[1] == 1 and ao.shape[1] == 1:  # one position (an MLP): two 2-D matmuls
+            kaa = jax.lax.dot_general(au[:, 0], ao[:, 0], dims, precision=hi)  # (c, N_o)
+            kdd = jax.lax.dot_general(
+                du[:, 0], do[:, :, 0].reshape(n_o * r, -1), dims, precision=hi
+            )
+            total = total + kaa[:, :, None] * kdd.reshape(c, n_o, r)
+        else:  # S_u × S_o position pairs, then each readout's cotangents (no R·S² array)
+            kaa = jnp.einsum("usi,oti->uost", au, ao, precision=hi)
+            m = jnp.einsum("uost,usj->uotj", kaa, du, precision=hi)
+            total = total + jnp.einsum("uotj,ortj->uor", m, do, precision=hi)
+    return total
 
 
 def _project(spec, theta, rows_o, probes, dirs):
@@ -410,15 +563,52 @@ def default_mesh(devices=None, o_devices: int = 1) -> Mesh:
     return Mesh(arr.reshape(len(devices) // o_devices, o_devices), ("u", "o"))
 
 
-def method_costs(f, theta, x_o, *, n_u: int, n_o: int, readouts: int) -> dict:
-    """Estimated FLOPs of the two algorithms beyond the per-example gradients they share (module
-    docstring): ``{"gram": 3F·N_o·R + 2P·R·N_u·N_o, "jvp": 3F·N_u·N_o, "forward": F}`` with
-    ``F`` the FLOPs of one probe's forward pass from XLA's cost analysis (``2P`` when the
-    backend gives none)."""
-    n_p = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(theta))
-    one = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct((1,) + np.shape(a)[1:], a.dtype), x_o
+def _one(x):
+    """The shape of one example of the batch ``x`` (batch axis of size 1)."""
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(
+            (1,) + np.shape(a)[1:], a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype
+        ),
+        x,
     )
+
+
+def _factored_sizes(f, theta, x_o, x_u, readouts: int) -> dict:
+    """``"factored"``'s sizes: ``pair`` the FLOPs per (u, o) pair, ``o_elems`` the numbers it
+    keeps per probe, ``pair_elems`` the largest per-pair intermediate of one layer
+    (``S_u·S_o + S_o·d_out``; 0 when every layer has one position), ``leaves`` the factored
+    parameter leaves."""
+    n_p = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(theta))
+    lay_o = {lay.leaf: lay for lay in dense_factors.dense_layers(f, theta, _one(x_o))}
+    lay_u = {lay.leaf: lay for lay in dense_factors.dense_layers(f, theta, _one(x_u))}
+    leaves = sorted(lay_o.keys() & lay_u.keys())
+    r = readouts
+    n_rest = n_p - sum(lay_o[k].d_in * lay_o[k].d_out for k in leaves)
+    pair, o_elems, pair_elems = 2.0 * n_rest * r, r * n_rest, 0
+    for k in leaves:
+        lo, lu = lay_o[k], lay_u[k]
+        st = lo.positions * lu.positions
+        if st == 1:  # (a_u·a_o)(δ_u·δ_o,r)
+            pair += 2.0 * (lo.d_in + r * lo.d_out) + 2.0 * r
+        else:  # K_a (S_u, S_o), then Σ_s K_a δ_u (S_o, d_out), then against δ_o,r
+            pair += 2.0 * st * (lo.d_in + lo.d_out) + 2.0 * lo.positions * lo.d_out * r
+            pair_elems = max(pair_elems, st + lo.positions * lo.d_out)
+        o_elems += lo.positions * (lo.d_in + r * lo.d_out)
+    return dict(pair=pair, o_elems=o_elems, pair_elems=pair_elems, leaves=tuple(leaves))
+
+
+def method_costs(f, theta, x_o, *, n_u: int, n_o: int, readouts: int, x_u: Any = None) -> dict:
+    """Estimated FLOPs of the algorithms beyond the per-example backward passes they share (module
+    docstring): ``{"gram": 3F·N_o·R + 2P·R·N_u·N_o, "jvp": 3F·N_u·N_o,
+    "factored": 3F·N_o·R + N_u·N_o·(2·P_rest·R + Σ_k c_k), "forward": F}`` with ``c_k`` a dense
+    layer's FLOPs per pair, ``2(d_in + R·d_out) + 2R`` at one position,
+    ``2·S_u·S_o·(d_in + d_out) + 2·S_o·d_out·R`` at ``S_u``, ``S_o`` positions,
+    ``F`` the FLOPs of one probe's forward pass from XLA's cost analysis
+    (``2P`` when the backend gives none), ``k`` the dense layers
+    (:func:`ldjax._src.dense_factors.dense_layers`) at the shapes of one probe and one training
+    example ``x_u`` (default: a probe's), ``P_rest`` the other parameters."""
+    n_p = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(theta))
+    one = _one(x_o)
     try:
         cost = jax.jit(f).lower(theta, one).cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -427,7 +617,9 @@ def method_costs(f, theta, x_o, *, n_u: int, n_o: int, readouts: int) -> dict:
         flops = 0.0
     flops = flops if flops > 0 else 2.0 * n_p
     gram = 3.0 * flops * n_o * readouts + 2.0 * n_p * readouts * n_u * n_o
-    return dict(gram=gram, jvp=3.0 * flops * n_u * n_o, forward=flops)
+    sizes = _factored_sizes(f, theta, x_o, x_o if x_u is None else x_u, readouts)
+    factored = 3.0 * flops * n_o * readouts + sizes["pair"] * n_u * n_o
+    return dict(gram=gram, jvp=3.0 * flops * n_u * n_o, factored=factored, forward=flops)
 
 
 def _split_kwargs(loss_kwargs, n_u):
@@ -502,11 +694,12 @@ def influence(
       kernel_norms: classifiers: also ``‖K(x_o, x_u)‖_F`` and ``tr K(x_o, x_u)``.
       chunk_size: training examples per chunk (rounded up to a multiple of the mesh's ``"u"`` size;
         at most ``N_u`` so rounded: a small U computes no padded rows).
-      method: ``"auto"``, ``"gram"`` or ``"jvp"`` (module docstring).
-      memory_budget: bytes that ``"gram"``'s kept rows may take (``"auto"`` picks by it), and
-        that ``"jvp"``'s work on one device may take: it pushes as many directions of U through
-        its probes at once as fit, counting :data:`JVP_WORK` logits-sized arrays per
-        (direction, probe), one direction at a time at least.
+      method: ``"auto"``, ``"gram"``, ``"jvp"`` or ``"factored"`` (module docstring;
+        ``"factored"`` only with ``eta`` and without ``kernel_norms``).
+      memory_budget: bytes that ``"gram"``'s kept rows (``"factored"``'s kept factors) may take
+        (``"auto"`` picks by it), and that ``"jvp"``'s work on one device may take: it pushes as
+        many directions of U through its probes at once as fit, counting :data:`JVP_WORK`
+        logits-sized arrays per (direction, probe), one direction at a time at least.
       mesh: a :class:`jax.sharding.Mesh` with axis ``"u"`` (and optionally ``"o"``); default: all
         devices on ``"u"`` (:func:`default_mesh`).
       out: a folder to stream the results into (zarr arrays and a manifest); a rerun of the same
@@ -595,10 +788,25 @@ def influence(
     n_params = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(theta))
     itemsize = np.dtype(jax.tree_util.tree_leaves(theta)[0].dtype).itemsize
     rows_bytes = n_o * r * n_params * itemsize * (2 if kernel_norms else 1)
+    if method == "factored" and optimizer is not None:
+        raise ValueError(
+            "method='factored' is for a plain SGD step (eta); with optimizer= the step is not "
+            "−η g_u: use method='gram' or 'jvp'"
+        )
+    if method == "factored" and kernel_norms:
+        raise ValueError("kernel_norms needs method='gram' (the probes' Jacobian rows)")
+    factored: tuple = ()
+    if method in ("auto", "factored") and optimizer is None and not kernel_norms:
+        factored = dense_factors.split_leaves(f, theta, [_one(x_o)] + [_one(x) for x in xs])[0]
     if method == "auto":
-        costs = method_costs(f, theta, x_o, n_u=n_u, n_o=n_o, readouts=r)
+        costs = method_costs(f, theta, x_o, n_u=n_u, n_o=n_o, readouts=r, x_u=xs[0])
         fits = rows_bytes <= memory_budget
         method = "gram" if fits and (kernel_norms or costs["gram"] <= costs["jvp"]) else "jvp"
+        if optimizer is None and not kernel_norms and costs["factored"] < costs[method]:
+            sizes = _factored_sizes(f, theta, x_o, xs[0], r)
+            chunk_elems = chunk_size * n_o * sizes["pair_elems"]
+            if (n_o * sizes["o_elems"] + chunk_elems) * itemsize <= memory_budget:
+                method = "factored"
     if kernel_norms and method != "gram":
         raise ValueError(
             f"kernel_norms needs method='gram' (the probes' Jacobian rows, "
@@ -630,6 +838,7 @@ def influence(
         o_axis,
         optimizer,
         dir_batch,
+        factored if method == "factored" else (),
     )
     if optimizer is not None and opt_state is None:
         opt_state = optimizer.init(theta)
@@ -650,7 +859,7 @@ def influence(
         """The probes' rows (gram, kernel norms), computed once, only when a chunk needs them
         (a finished job computes nothing): each device computes its share, then they are
         gathered."""
-        if not kept and (method == "gram" or kernel_norms):
+        if not kept and (method in ("gram", "factored") or kernel_norms):
             n_all = mesh.devices.size
             all_sh = NamedSharding(mesh, P(tuple(mesh.axis_names)))
             spread = tuple(
@@ -658,6 +867,8 @@ def influence(
             )
             if method == "gram":
                 kept["rows"] = _readout_rows_fn(spec, n_o_pad)(theta_g, *spread)
+            if method == "factored":
+                kept["rows"] = _factor_rows_fn(spec, n_o_pad)(theta_g, *spread)
             if kernel_norms:
                 kept["zrows"] = _z_rows_fn(spec, n_o_pad)(theta_g, spread[0])
         return kept.get("rows"), kept.get("zrows")

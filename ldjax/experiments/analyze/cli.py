@@ -71,7 +71,10 @@ def _shared(p: argparse.ArgumentParser, out: str) -> None:
     )
     p.add_argument("--top-k", type=positive_int, default=5, help="k of the top-k readouts (5)")
     p.add_argument(
-        "--method", choices=("auto", "gram", "jvp"), default="auto", help="algorithm (auto)"
+        "--method",
+        choices=("auto", "gram", "jvp", "factored"),
+        default="auto",
+        help="algorithm (auto)",
     )
 
 
