@@ -193,63 +193,6 @@ def test_factored_on_lenet_conv_rest_dense_factored():
             assert rel(fac.delta[u], d) < 1e-10
 
 
-@pytest.mark.slow  # ~15 s on 2 cores: three transformer programs and their decompose
-def test_factored_on_the_transformer_sequences_tokens_and_dpo_terms():
-    with precision("float64"):
-        f, p, x_o, x_u = small_model("transformer", "float64")
-        n, t = x_u.shape
-        rng = np.random.default_rng(1)
-        y_u, m_u = jnp.asarray(rng.integers(0, 13, (n, t))), jnp.asarray(rng.random((n, t)) > 0.3)
-        y_o, m_o = jnp.asarray(rng.integers(0, 13, (2, t))), jnp.asarray(rng.random((2, t)) > 0.4)
-        kw = dict(eta=1e-3, loss_kwargs=dict(targets=y_u, mask=m_u), targets_o=y_o, mask_o=m_o)
-        for per_token in (False, True):
-            inf = ldjax.influence(
-                f, p, x_u, x_o, losses.sft, method="factored", per_token=per_token, **kw
-            )
-            assert inf.delta.shape == ((n, 2, t) if per_token else (n, 2))
-            for u, d in enumerate(_per_u(f, p, x_o, x_u, dict(targets=y_u, mask=m_u), 1e-3)):
-                lin = np.take_along_axis(d, np.asarray(y_o)[..., None], -1)[..., 0]
-                lin = lin * np.asarray(m_o)
-                assert rel(inf.delta[u], lin if per_token else lin.sum(-1)) < 1e-10
-        x_neg = jnp.asarray(rng.integers(0, 13, (n, t)))
-        kwd = dict(
-            targets_pos=y_u,
-            targets_neg=y_u[::-1],
-            mask_pos=m_u,
-            mask_neg=m_u[::-1],
-            ref_logp_pos=jnp.asarray(rng.normal(size=n)),
-            ref_logp_neg=jnp.asarray(rng.normal(size=n)),
-            beta=0.1,
-        )
-        inf = ldjax.influence(
-            f,
-            p,
-            (x_u, x_neg),
-            x_o,
-            losses.dpo,
-            eta=1e-3,
-            loss_kwargs=kwd,
-            targets_o=y_o,
-            mask_o=m_o,
-            method="factored",
-        )
-        for u in range(n):
-            kw1 = {k: (v[u : u + 1] if np.ndim(v) else v) for k, v in kwd.items()}
-            d = ldjax.decompose(
-                f, p, x_o, (x_u[u : u + 1], x_neg[u : u + 1]), losses.dpo, eta=1e-3, loss_kwargs=kw1
-            )
-            pos, neg = (
-                np.sum(
-                    np.take_along_axis(np.asarray(t_), np.asarray(y_o)[..., None], -1)[..., 0]
-                    * np.asarray(m_o),
-                    -1,
-                )
-                for t_ in d.delta_logp_linear_terms
-            )
-            assert rel(inf.terms[0][u], pos) < 1e-10 and rel(inf.terms[1][u], neg) < 1e-10
-            assert rel(inf.delta[u], pos + neg) < 1e-10
-
-
 def test_auto_picks_factored_by_cost_and_bad_arguments_are_named():
     f, p, x_o, x_u = small_model("mlp", "float32")
     kw = dict(loss_kwargs=dict(targets=jnp.array([1, 2])), targets_o=jnp.array([0, 1, 2]))

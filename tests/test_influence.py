@@ -101,7 +101,11 @@ def test_float32_pairs_equal_decompose():
 
 
 @pytest.mark.slow  # > 10 s on 2 cores
-def test_sequences_sum_per_token_and_dpo_terms_equal_decompose():
+@pytest.mark.parametrize(
+    "methods", [(("gram", "jvp"), "auto"), (("factored", "factored"), "factored")], ids=str
+)
+def test_sequences_sum_per_token_and_dpo_terms_equal_decompose(methods):
+    (seq_method, token_method), dpo_method = methods
     with precision("float64"):
         f, p, x_o, x_u = small_model("transformer", "float64")
         n, t = x_u.shape
@@ -109,7 +113,7 @@ def test_sequences_sum_per_token_and_dpo_terms_equal_decompose():
         y_u, m_u = jnp.asarray(rng.integers(0, 13, (n, t))), jnp.asarray(rng.random((n, t)) > 0.3)
         y_o, m_o = jnp.asarray(rng.integers(0, 13, (2, t))), jnp.asarray(rng.random((2, t)) > 0.4)
         kw = dict(targets=y_u, mask=m_u)
-        for per_token, method in ((False, "gram"), (True, "jvp")):
+        for per_token, method in ((False, seq_method), (True, token_method)):
             inf = ldjax.influence(
                 f,
                 p,
@@ -157,6 +161,7 @@ def test_sequences_sum_per_token_and_dpo_terms_equal_decompose():
             targets_o=y_o,
             mask_o=m_o,
             audit_size=2,
+            method=dpo_method,
         )
         for u in range(n):
             kw1 = {k: (v[u : u + 1] if np.ndim(v) else v) for k, v in kw.items()}
