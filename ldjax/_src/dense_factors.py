@@ -34,10 +34,10 @@ import numpy as np
 from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
-_CALLS = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat", "remat2")
-"""Primitives whose sub-jaxpr is followed (their arguments map 1-1 onto its inputs); a call that
-holds a tapped layer is evaluated inline (for ``checkpoint``: the same numbers, without the
-rematerialisation)."""
+# the jaxpr-reading pieces the eNTK's structured Jacobians already have: the calls followed
+# (their arguments map 1-1 onto the sub-jaxpr's inputs; a call holding a tapped layer is
+# evaluated inline), the variable test and the version-proof bind
+from ldjax._src.structured import _CALLS, _bind, _is_var
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +79,6 @@ def _sub_jaxpr(eqn) -> ClosedJaxpr | None:
     if isinstance(sub, Jaxpr):
         return ClosedJaxpr(sub, ())
     return sub if isinstance(sub, ClosedJaxpr) else None
-
-
-def _is_var(v) -> bool:
-    return not isinstance(v, Literal)
 
 
 def _trace(f, params, x) -> tuple[ClosedJaxpr, int]:
@@ -227,14 +223,6 @@ def apply_tapped(f, params, x, taps, leaves) -> tuple[Any, tuple]:
     outs = _eval(closed, args, alias, tap_of, by_leaf, acts)
     tree = jax.tree_util.tree_structure(jax.eval_shape(f, params, x))
     return jax.tree_util.tree_unflatten(tree, outs), tuple(acts[k] for k in leaves)
-
-
-def _bind(eqn, invals):
-    """``eqn``'s primitive on ``invals``, as ``jax.core.eval_jaxpr`` binds it (jax 0.10's
-    ``get_bind_params`` returns the params; older ones ``(subfuns, params)``)."""
-    got = eqn.primitive.get_bind_params(eqn.params)
-    subfuns, params = got if isinstance(got, tuple) else ((), got)
-    return eqn.primitive.bind(*subfuns, *invals, **params)
 
 
 def _eval(closed: ClosedJaxpr, args, alias, tap_of, by_leaf, acts) -> list:

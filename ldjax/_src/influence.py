@@ -156,8 +156,7 @@ def _pick(z, y1, m1, kind):
 
 def _logits_bytes(f, theta, x_o) -> int:
     """Bytes of one probe's logits (``(V,)`` or ``(T, V)``), from shapes only."""
-    one = jax.tree_util.tree_map(lambda a: a[:1], x_o)
-    z = jax.eval_shape(f, theta, one)
+    z = jax.eval_shape(f, theta, _one(x_o))
     return int(np.prod(z.shape[1:])) * np.dtype(z.dtype).itemsize
 
 
@@ -367,7 +366,9 @@ def _chunk_fn(spec: _Spec):
 
             u_spec = P(spec.u_axis)
             facs = _local(spec, factors, (P(), u_spec, u_spec, P()), u_spec)(theta, xs, kw, hyper)
-            return (jnp.stack([-eta * _factored_dot(fb, rows_o) for fb in facs], axis=-1),)
+            least = MIN_GEMM_ROWS * spec.mesh.shape[spec.u_axis]
+            parts = [-eta * _factored_dot(fb, rows_o, least) for fb in facs]
+            return (jnp.stack(parts, axis=-1),)
 
         def per_example(theta, xs, kw, hyper):
             g = jax.vmap(lambda xs1, kw1: _example_grads(f, loss_fn, theta, xs1, kw1, hyper))(
@@ -406,7 +407,20 @@ def _chunk_fn(spec: _Spec):
     return jax.jit(program, out_shardings=outs)
 
 
-def _factored_dot(fu, fo):
+def _rows_dot(dirs, rows, least: int):
+    """``dirs (c, P) @ rows (M, P)ᵀ`` ``(c, M)`` as one 2-D matmul (1.4–1.7× an einsum), with zero
+    rows added to ``dirs`` below ``least`` (:data:`MIN_GEMM_ROWS` per device): with one row
+    XLA:CPU emits a matrix-vector product whose float32 sum over P drifts."""
+    c, n_p = dirs.shape
+    if c < least:
+        dirs = jnp.concatenate([dirs, jnp.zeros((least - c, n_p), dirs.dtype)])
+    out = jax.lax.dot_general(
+        dirs, rows, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST
+    )
+    return out[:c]
+
+
+def _factored_dot(fu, fo, least: int):
     """``⟨readout rows of o, g_u⟩`` ``(c, N_o, R)`` from factors: ``fu`` of a chunk of U
     (:func:`_example_factors`, batched: ``(c, S, d_in)``, ``(c, S, d_out)``, ``(c, P_rest)``) and
     ``fo`` of the probes (:func:`_readout_factors`, batched). Per dense layer
@@ -417,8 +431,7 @@ def _factored_dot(fu, fo):
     a_o, d_o, rows = fo
     c = g_u.shape[0]
     n_o, r, n_p = rows.shape
-    total = jax.lax.dot_general(g_u, rows.reshape(n_o * r, n_p), dims, precision=hi)
-    total = total.reshape(c, n_o, r)
+    total = _rows_dot(g_u, rows.reshape(n_o * r, n_p), least).reshape(c, n_o, r)
     for au, du, ao, do in zip(a_u, d_u, a_o, d_o):
         if au.shape[1] == 1 and ao.shape[1] == 1:  # one position (an MLP): two 2-D matmuls
             kaa = jax.lax.dot_general(au[:, 0], ao[:, 0], dims, precision=hi)  # (c, N_o)
@@ -436,19 +449,11 @@ def _factored_dot(fu, fo):
 def _project(spec, theta, rows_o, probes, dirs):
     """The readout change of every probe along each parameter direction: ``(c, N_o, R)`` from
     ``dirs (c, P)``, by the kept rows (gram) or one JVP per (direction, probe)."""
-    if spec.method == "gram":  # (c, P) @ (P, N_o·R): one 2-D matmul (1.4–1.7× an einsum)
+    if spec.method == "gram":  # (c, P) @ (P, N_o·R)
         n_o, r, n_p = rows_o.shape
-        c = dirs.shape[0]
         least = MIN_GEMM_ROWS * spec.mesh.shape[spec.u_axis]
-        if c < least:  # a matrix-vector product: XLA:CPU's loses digits over many parameters
-            dirs = jnp.concatenate([dirs, jnp.zeros((least - c, n_p), dirs.dtype)])
-        flat = jax.lax.dot_general(
-            dirs,
-            rows_o.reshape(n_o * r, n_p),
-            (((1,), (1,)), ((), ())),
-            precision=jax.lax.Precision.HIGHEST,
-        )
-        return flat[:c].reshape(c, n_o, r)
+        flat = _rows_dot(dirs, rows_o.reshape(n_o * r, n_p), least)
+        return flat.reshape(dirs.shape[0], n_o, r)
     f = spec.apply_fn
     unravel = ravel_pytree(theta)[1]
 
@@ -606,7 +611,8 @@ def method_costs(f, theta, x_o, *, n_u: int, n_o: int, readouts: int, x_u: Any =
     ``F`` the FLOPs of one probe's forward pass from XLA's cost analysis
     (``2P`` when the backend gives none), ``k`` the dense layers
     (:func:`ldjax._src.dense_factors.dense_layers`) at the shapes of one probe and one training
-    example ``x_u`` (default: a probe's), ``P_rest`` the other parameters."""
+    example ``x_u`` (default: a probe's), ``P_rest`` the other parameters; ``"factored_sizes"``
+    holds what ``"auto"`` checks against the memory budget (:func:`_factored_sizes`)."""
     n_p = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(theta))
     one = _one(x_o)
     try:
@@ -619,7 +625,13 @@ def method_costs(f, theta, x_o, *, n_u: int, n_o: int, readouts: int, x_u: Any =
     gram = 3.0 * flops * n_o * readouts + 2.0 * n_p * readouts * n_u * n_o
     sizes = _factored_sizes(f, theta, x_o, x_o if x_u is None else x_u, readouts)
     factored = 3.0 * flops * n_o * readouts + sizes["pair"] * n_u * n_o
-    return dict(gram=gram, jvp=3.0 * flops * n_u * n_o, factored=factored, forward=flops)
+    return dict(
+        gram=gram,
+        jvp=3.0 * flops * n_u * n_o,
+        factored=factored,
+        forward=flops,
+        factored_sizes=sizes,
+    )
 
 
 def _split_kwargs(loss_kwargs, n_u):
@@ -803,7 +815,7 @@ def influence(
         fits = rows_bytes <= memory_budget
         method = "gram" if fits and (kernel_norms or costs["gram"] <= costs["jvp"]) else "jvp"
         if optimizer is None and not kernel_norms and costs["factored"] < costs[method]:
-            sizes = _factored_sizes(f, theta, x_o, xs[0], r)
+            sizes = costs["factored_sizes"]
             chunk_elems = chunk_size * n_o * sizes["pair_elems"]
             if (n_o * sizes["o_elems"] + chunk_elems) * itemsize <= memory_budget:
                 method = "factored"
