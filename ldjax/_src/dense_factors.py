@@ -37,7 +37,7 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 # the jaxpr-reading pieces the eNTK's structured Jacobians already have: the calls followed
 # (their arguments map 1-1 onto the sub-jaxpr's inputs; a call holding a tapped layer is
 # evaluated inline), the variable test and the version-proof bind
-from ldjax._src.structured import _CALLS, _bind, _is_var
+from ldjax._src.structured import CALLS, bind_eqn, is_var
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,7 @@ class DenseLayer:
 
 def _sub_jaxpr(eqn) -> ClosedJaxpr | None:
     """The sub-jaxpr of a followed call (its arguments are the sub-jaxpr's inputs), else None."""
-    if eqn.primitive.name not in _CALLS:
+    if eqn.primitive.name not in CALLS:
         return None
     sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
     if isinstance(sub, Jaxpr):
@@ -100,15 +100,15 @@ def _collect_uses(closed: ClosedJaxpr, alias: dict, uses: dict) -> None:
             inner = {
                 iv: alias[ov]
                 for ov, iv in zip(eqn.invars, sub.jaxpr.invars)
-                if _is_var(ov) and ov in alias
+                if is_var(ov) and ov in alias
             }
             _collect_uses(sub, inner, uses)
             continue
         for pos, v in enumerate(eqn.invars):
-            if _is_var(v) and v in alias:
+            if is_var(v) and v in alias:
                 uses.setdefault(alias[v], []).append((eqn, pos))
     for v in jaxpr.outvars:
-        if _is_var(v) and v in alias:
+        if is_var(v) and v in alias:
             uses.setdefault(alias[v], []).append((None, None))
 
 
@@ -245,16 +245,16 @@ def _eval(closed: ClosedJaxpr, args, alias, tap_of, by_leaf, acts) -> list:
             else {
                 iv: alias[ov]
                 for ov, iv in zip(eqn.invars, sub.jaxpr.invars)
-                if _is_var(ov) and ov in alias
+                if is_var(ov) and ov in alias
             }
         )
         tapped = []
         if eqn.primitive is lax.dot_general_p:
-            tapped = [alias[v] for v in eqn.invars if _is_var(v) and v in alias]
+            tapped = [alias[v] for v in eqn.invars if is_var(v) and v in alias]
         if inner:  # a call that holds a tapped layer: evaluated here, inline
             ans = _eval(sub, invals, inner, tap_of, by_leaf, acts)
         else:
-            ans = _bind(eqn, invals)
+            ans = bind_eqn(eqn, invals)
         if tapped:
             k = tapped[0]
             lay = by_leaf[k]

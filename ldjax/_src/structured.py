@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-_CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint", "remat2")
+CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "checkpoint", "remat2")
+"""Call primitives whose sub-jaxpr is followed (their arguments map 1-1 onto its inputs)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,8 @@ def _inner(eqn):
     return j, ()
 
 
-def _is_var(v) -> bool:
+def is_var(v) -> bool:
+    """A jaxpr variable, not a literal."""
     return not isinstance(v, jcore.Literal)
 
 
@@ -150,18 +152,18 @@ def _walk(
     consumers: dict = {}
     for eqn in jaxpr.eqns:
         for v in eqn.invars:
-            if _is_var(v):
+            if is_var(v):
                 consumers[v] = consumers.get(v, 0) + 1
     for v in jaxpr.outvars:
-        if _is_var(v):
+        if is_var(v):
             consumers[v] = consumers.get(v, 0) + 1
     bias_alias: dict = {}  # var -> leaf: a reshaped/broadcast 1-D parameter, use not yet counted
     site_out: dict = {}  # var -> site: output of a candidate dot site
     for i, eqn in enumerate(jaxpr.eqns):
         name = eqn.primitive.name
-        ins = [(k, alias[v]) for k, v in enumerate(eqn.invars) if _is_var(v) and v in alias]
+        ins = [(k, alias[v]) for k, v in enumerate(eqn.invars) if is_var(v) and v in alias]
         bins = [
-            (k, bias_alias[v]) for k, v in enumerate(eqn.invars) if _is_var(v) and v in bias_alias
+            (k, bias_alias[v]) for k, v in enumerate(eqn.invars) if is_var(v) and v in bias_alias
         ]
         if not ins and not bins:
             continue
@@ -177,7 +179,7 @@ def _walk(
         if name == "add" and len(bins) == 1 and not ins and len(eqn.invars) == 2:
             k, leaf = bins[0]
             y = eqn.invars[1 - k]
-            site = site_out.get(y) if _is_var(y) else None
+            site = site_out.get(y) if is_var(y) else None
             if (
                 site is not None
                 and consumers.get(y, 0) == 1
@@ -191,12 +193,12 @@ def _walk(
             uses[leaf] += 1
         if not ins:
             continue
-        inner, _ = _inner(eqn) if name in _CALLS else (None, ())
+        inner, _ = _inner(eqn) if name in CALLS else (None, ())
         if inner is not None:
             inner_alias = {inner.invars[k]: leaf for k, leaf in ins}
             _walk(inner, inner_alias, path + (i,), uses, cands, leaf_shapes, bias)
             for ov in inner.outvars:
-                if _is_var(ov) and ov in inner_alias:  # a parameter leaves the call: no structure
+                if is_var(ov) and ov in inner_alias:  # a parameter leaves the call: no structure
                     uses[inner_alias[ov]] += 2
             continue
         site = None
@@ -210,9 +212,9 @@ def _walk(
             cands.setdefault(site.leaf, []).append(site)
             site_out[eqn.outvars[0]] = site
     for ov in jaxpr.outvars:
-        if _is_var(ov) and ov in alias:
+        if is_var(ov) and ov in alias:
             uses[alias[ov]] += 2
-        if _is_var(ov) and ov in bias_alias:
+        if is_var(ov) and ov in bias_alias:
             uses[bias_alias[ov]] += 2
 
 
@@ -243,7 +245,9 @@ def make_plan(closed_jaxpr, n_leaves: int, structured: bool = True, demote=()) -
     return Plan(tuple(sites), tuple(l for l in range(n_leaves) if l not in done), n_leaves)
 
 
-def _bind(eqn, invals):
+def bind_eqn(eqn, invals):
+    """``eqn``'s primitive on ``invals`` (jax 0.10: ``get_bind_params`` gives the params; older
+    versions ``(subfuns, params)``)."""
     bp = eqn.primitive.get_bind_params(eqn.params)
     if isinstance(bp, tuple):  # older jax: (subfuns, params)
         subfuns, bp = bp
@@ -273,7 +277,7 @@ def evaluate(closed_jaxpr, args: Sequence[Any], plan: Plan, eps: Sequence[jax.Ar
 
     def run(jaxpr, consts, vals, path):
         env = {}
-        read = lambda v: v.val if not _is_var(v) else env[v]
+        read = lambda v: v.val if not is_var(v) else env[v]
         for v, c in zip(jaxpr.constvars, consts):
             env[v] = c
         for v, a in zip(jaxpr.invars, vals):
@@ -284,12 +288,12 @@ def evaluate(closed_jaxpr, args: Sequence[Any], plan: Plan, eps: Sequence[jax.Ar
             if p in site_at:
                 k = site_at[p]
                 xs[k] = _site_x(plan.sites[k], invals)
-                outs = [_bind(eqn, invals) + eps[k]]
+                outs = [bind_eqn(eqn, invals) + eps[k]]
             elif p in inline:
                 inner, consts_i = _inner(eqn)
                 outs = run(inner, consts_i, invals, p)
             else:
-                outs = _bind(eqn, invals)
+                outs = bind_eqn(eqn, invals)
                 if not eqn.primitive.multiple_results:
                     outs = [outs]
             for v, o in zip(eqn.outvars, outs):
@@ -349,7 +353,7 @@ def head_site(closed_jaxpr, plan: Plan) -> int:
     by_path = {s.path: k for k, s in enumerate(plan.sites)}
     v, path, cur = jaxpr.outvars[0], (), jaxpr
     bias_add = None
-    while _is_var(v):
+    while is_var(v):
         found = [(i, e) for i, e in enumerate(cur.eqns) if v in e.outvars]
         if not found:
             return -1
@@ -376,13 +380,13 @@ def head_site(closed_jaxpr, plan: Plan) -> int:
             prods = [
                 a
                 for a in eqn.invars
-                if _is_var(a)
+                if is_var(a)
                 and any(path + (j,) in by_path and a in e.outvars for j, e in enumerate(cur.eqns))
             ]
             if len(prods) != 1:
                 return -1
             bias_add, v = eqn, prods[0]
-        elif name in _CALLS:
+        elif name in CALLS:
             inner, _ = _inner(eqn)
             if inner is None:
                 return -1
