@@ -101,3 +101,58 @@ def test_actual_step_takes_any_optax_optimizer_and_only_trainable_params():
         ]
         assert min(moved) > 0  # Adam's first step moves every parameter by ~lr
         np.testing.assert_allclose(max(moved), 1e-3, rtol=1e-3)
+
+
+def test_order_two_is_exact_for_a_model_quadratic_in_its_params():
+    """z = (x A) B is quadratic in θ = (A, B): Taylor to second order in Δθ is the whole change,
+    for a plain SGD step and for a real Adam step from a warm state, at step sizes where the
+    first-order prediction is off by far more."""
+    with precision("float64"):
+        rng = np.random.default_rng(0)
+        f = lambda p, x: (x @ p["A"]) @ p["B"]  # noqa: E731
+        p = {"A": jnp.asarray(rng.normal(size=(4, 5))), "B": jnp.asarray(rng.normal(size=(5, 3)))}
+        xo, xu = jnp.asarray(rng.normal(size=(3, 4))), jnp.asarray(rng.normal(size=(2, 4)))
+        kw = dict(loss_kwargs=dict(targets=jnp.array([0, 2])))
+        tx = optax.adam(0.05)
+        state = tx.init(p)
+        for _ in range(2):  # a warm state: momentum and second moments are not fresh
+            g = jax.grad(lambda q: jnp.sum(losses.sft(f(q, xu), targets=jnp.array([0, 2]))))(p)
+            state = tx.update(g, state, p)[1]
+        for how in (dict(eta=0.05), dict(optimizer=tx, opt_state=state)):
+            a = ldjax.actual_step(f, p, xo, xu, losses.sft, **how, **kw)
+            d1 = ldjax.decompose(f, p, xo, xu, losses.sft, **how, **kw)
+            d2 = ldjax.decompose(f, p, xo, xu, losses.sft, order=2, **how, **kw)
+            assert d1.delta_logits_curvature is None
+            assert rel(d1.delta_logits, a.delta_logits) > 1e-3
+            np.testing.assert_allclose(d2.delta_logits, a.delta_logits, rtol=1e-10, atol=1e-12)
+            assert ldjax.compare(d2, a).entk_step < 1e-10
+            # the first-order parts are unchanged; the curvature is what was missing
+            np.testing.assert_allclose(d2.delta_logits_kernel, d1.delta_logits_kernel, rtol=1e-12)
+
+
+def test_order_two_error_falls_as_eta_cubed():
+    """On a tanh MLP (not polynomial in θ) the error of the second-order Δz is O(η³)."""
+    with precision("float64"):
+        f, p, xo, xu = small_model("mlp", jnp.float64)
+        kw = dict(loss_kwargs=dict(targets=jnp.array([1, 3])))
+        etas = np.logspace(-3, -1.5, 4)
+        errs = {1: [], 2: []}
+        for eta in etas:
+            a = ldjax.actual_step(f, p, xo, xu, losses.sft, eta=eta, **kw)
+            for order in (1, 2):
+                d = ldjax.decompose(f, p, xo, xu, losses.sft, eta=eta, order=order, **kw)
+                errs[order].append(float(np.linalg.norm(a.delta_logits - d.delta_logits)))
+        slopes = {k: np.polyfit(np.log(etas), np.log(v), 1)[0] for k, v in errs.items()}
+        assert abs(slopes[1] - 2) <= 0.15, slopes
+        assert abs(slopes[2] - 3) <= 0.2, slopes
+        assert errs[2][0] < 1e-2 * errs[1][0]
+
+
+def test_order_is_checked():
+    f, p, xo, xu = small_model("mlp", jnp.float32)
+    for bad in (0, 3, True, 1.5):
+        with pytest.raises(ValueError, match="order must be 1 or 2"):
+            ldjax.decompose(
+                f, p, xo, xu, losses.sft, eta=0.1, order=bad,
+                loss_kwargs=dict(targets=jnp.array([1, 3])),
+            )  # fmt: skip

@@ -38,6 +38,15 @@ def test_the_exact_update_prediction_is_first_order_in_the_step(phase):
         assert r["rel_error_sgd"] > 0.9  # plain SGD at lr: RMSprop's steps are ~lr/√v larger
         assert r["sign_agreement_exact"] == 1.0
     print(phase, errs, format_optimizer_table({phase: r}))
+    # the same step scaled by s: the relative error is ∝ s (the scale sweep of the real update)
+    np.testing.assert_allclose(r["scale_slope"], 1.0, atol=0.25)
+    np.testing.assert_allclose(r["scale_rel_error_exact"][0], r["rel_error_exact"], rtol=1e-6)
+    # reading Δz through log_softmax instead of A removes part of the error, never adds much;
+    # the second-order Δz is far closer still (its error is O(s²) in the scale sweep)
+    assert r["rel_error_exact_softmax"] < 1.5 * r["rel_error_exact"]
+    assert r["rel_error_second_order"] < 0.1 * r["rel_error_exact_softmax"]
+    e2 = np.asarray(r["scale_rel_error_second_order"])
+    np.testing.assert_allclose(np.polyfit(np.log(r["scales"]), np.log(e2), 1)[0], 2.0, atol=0.3)
     assert errs[0] < 5e-3  # measured 3.6e-4 (SFT), 1.8e-3 (DPO) at lr 1e-6
     # the error is O(Δθ²) / O(Δθ): ten times the step, about ten times the relative error
     np.testing.assert_allclose(np.log10(errs[1] / errs[0]), 1.0, atol=0.25)

@@ -81,8 +81,13 @@ def compare(predicted: Decomposition, actual: ActualStep, mask: Any | None = Non
     z_after = np.asarray(actual.logits_after, np.float64)
     dz_a = z_after - z_act
     parts = list(predicted.delta_logits_terms)
-    for extra in (predicted.delta_logits_carry, predicted.delta_logits_remainder):
-        if extra is not None:  # an optimizer's carry-over and the part not linear in g
+    extras = (
+        predicted.delta_logits_carry,
+        predicted.delta_logits_remainder,
+        predicted.delta_logits_curvature,
+    )
+    for extra in extras:
+        if extra is not None:  # an optimizer's carry-over, the part not linear in g, order 2
             parts.append(extra)
     dz_p = sum(np.asarray(t, np.float64) for t in parts)
     dl_a = _log_softmax(z_after) - _log_softmax(z_act)

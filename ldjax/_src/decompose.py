@@ -31,6 +31,7 @@ from ldjax._src.trainable import branches, trainable_fn
         "loss_u",
         "delta_logits_carry",
         "delta_logits_remainder",
+        "delta_logits_curvature",
     ],
     meta_fields=["eta"],
 )
@@ -52,6 +53,9 @@ class Decomposition:
       delta_logits_remainder: with an optimizer, ``J_o (U(g) − U(0) − L g)``: the part of the
         exact update that is not linear in the current gradient (zero for SGD with momentum and
         weight decay; Adam's and RMSprop's second moment, clipping). Else None.
+      delta_logits_curvature: with ``order=2``, ``½ D²z(x_o)[Δθ, Δθ]``: the second-order term of
+        the logits along the step's whole update Δθ (the curvature of the network, not of the
+        softmax: read Δlog π through :attr:`delta_logp_exact` for that). Else None.
     """
 
     logits: jax.Array
@@ -61,13 +65,16 @@ class Decomposition:
     eta: float | None
     delta_logits_carry: jax.Array | None = None
     delta_logits_remainder: jax.Array | None = None
+    delta_logits_curvature: jax.Array | None = None
 
     @property
     def delta_logits(self) -> jax.Array:
         """Predicted Δz(x_o), ``(N_o, [T,] V)``: ``−η Σ_b K G_b`` for SGD; with an optimizer the
-        exact update's ``J_o U(g)`` = the terms + the carry-over + the remainder."""
+        exact update's ``J_o U(g)`` = the terms + the carry-over + the remainder; with
+        ``order=2`` plus the curvature term ``½ D²z[Δθ, Δθ]``."""
         d = sum(self.delta_logits_terms[1:], self.delta_logits_terms[0])
-        for extra in (self.delta_logits_carry, self.delta_logits_remainder):
+        extras = (self.delta_logits_carry, self.delta_logits_remainder, self.delta_logits_curvature)
+        for extra in extras:
             if extra is not None:
                 d = d + extra
         return d
@@ -75,7 +82,8 @@ class Decomposition:
     @property
     def delta_logits_kernel(self) -> jax.Array:
         """The kernel prediction ``Σ_b −K_P G_b`` (+ the carry-over): the optimizer linearised at
-        its state, without the remainder. Equals :attr:`delta_logits` for SGD."""
+        its state, without the remainder (and first order: no curvature term). Equals
+        :attr:`delta_logits` for SGD at ``order=1``."""
         d = sum(self.delta_logits_terms[1:], self.delta_logits_terms[0])
         return d if self.delta_logits_carry is None else d + self.delta_logits_carry
 
@@ -143,6 +151,20 @@ def _predict_optimizer(
     return g, tuple(dz[:n]), dz_carry, dz[n], loss_fn(*logits_u, **loss_kwargs)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _curvature(apply_fn, loss_fn, optimizer, variables, opt_state, x_o, xs, loss_kwargs, eta):
+    """``½ D²z(x_o)[Δθ, Δθ]`` along the step's update Δθ (``−η ∇θ Σ L`` for SGD, else the
+    optimizer's ``U(g)``): forward over forward, one JVP of a JVP of the logits of x_o."""
+    f, params = trainable_fn(apply_fn, variables)
+    grads = jax.grad(lambda p: jnp.sum(loss_fn(*(f(p, x) for x in xs), **loss_kwargs)))(params)
+    if optimizer is None:
+        delta = jax.tree_util.tree_map(lambda g: -eta * g, grads)
+    else:
+        delta = optimizer.update(grads, opt_state, params)[0]
+    along = lambda p: jax.jvp(lambda q: f(q, x_o), (p,), (delta,))[1]
+    return 0.5 * jax.jvp(along, (params,), (delta,))[1]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _predict_vp(apply_fn, loss_fn, variables, x_o, xs, logits_u, eta, loss_kwargs):
     g = logit_gradient(loss_fn, *logits_u, **loss_kwargs)
@@ -166,6 +188,7 @@ def decompose(
     implementation: str = "auto",
     optimizer: optax.GradientTransformation | None = None,
     opt_state: Any = None,
+    order: int = 1,
 ) -> Decomposition:
     """Predicts the change of z(x_o) and log π(x_o) after one step on the loss at x_u: plain SGD at
     rate ``eta``, or the real update of an optax ``optimizer`` from its state ``opt_state``.
@@ -189,6 +212,13 @@ def decompose(
         causes: the batch's preconditioned gradient per branch, the state's carry-over, and the
         part not linear in the gradient (:class:`Decomposition`).
       opt_state: the optimizer's state before the step (default ``optimizer.init(params)``).
+      order: 1 (the paper's first-order prediction) or 2: also the curvature term
+        ``½ D²z(x_o)[Δθ, Δθ]`` of the logits along the whole update
+        (:attr:`Decomposition.delta_logits_curvature`; it costs one more gradient on x_u and a
+        JVP of a JVP on x_o). The error of Δz is then O(Δθ³) instead of O(Δθ²):
+        use it when one real step is outside the first-order regime (large learning rates,
+        adaptive optimizers early in training); read Δlog π through
+        :attr:`Decomposition.delta_logp_exact` to drop the softmax's linearisation too.
     Returns:
       A :class:`Decomposition`.
     Raises:
@@ -231,6 +261,8 @@ def decompose(
         )
     if method not in ("vp", "blocks"):
         raise ValueError(f"method must be 'vp' or 'blocks', got {method!r}")
+    if order not in (1, 2) or isinstance(order, bool):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
     xs = branches(x_u)
     kw = dict(loss_kwargs or {})
     validate.check_branches(loss_fn, kw, len(xs))
@@ -274,11 +306,17 @@ def decompose(
             (t, f"the predicted Δz on x_o from x_u[{k}] (−K_P G)") for k, t in enumerate(terms)
         ]
         names += [(carry, "the optimizer's carry-over on x_o"), (rest, "the optimizer's remainder")]
+        curv = None
+        if order == 2:
+            curv = _curvature(apply_fn, loss_fn, optimizer, params, opt_state, x_o, xs, kw, None)
+            names.append((curv, "the curvature term ½ D²z[Δθ, Δθ] on x_o"))
         validate.check_flags(
-            validate.finite_flags(tuple(g) + tuple(terms) + (carry, rest)),
+            validate.finite_flags(
+                tuple(g) + tuple(terms) + (carry, rest) + (() if curv is None else (curv,))
+            ),
             [(a, name, None) for a, name in names],
         )
-        return Decomposition(logits_o, tuple(g), tuple(terms), loss, None, carry, rest)
+        return Decomposition(logits_o, tuple(g), tuple(terms), loss, None, carry, rest, curv)
     if method == "vp":
         g, terms, loss, ok = _predict_vp(apply_fn, loss_fn, params, x_o, xs, logits_u, eta, kw)
     else:
@@ -302,7 +340,14 @@ def decompose(
             for k, t in enumerate(terms)
         ],
     )
-    return Decomposition(logits_o, tuple(g), tuple(terms), loss, eta)
+    curv = None
+    if order == 2:
+        curv = _curvature(apply_fn, loss_fn, None, params, None, x_o, xs, kw, eta)
+        validate.check_flags(
+            validate.finite_flags((curv,)),
+            [(curv, "the curvature term ½ D²z[Δθ, Δθ] on x_o", inside)],
+        )
+    return Decomposition(logits_o, tuple(g), tuple(terms), loss, eta, delta_logits_curvature=curv)
 
 
 def _block_term(apply_fn, params, x_o, x, gb, shape, implementation, pre=None):

@@ -21,6 +21,7 @@ model the linear regime is η ≲ 1e-6 (η = 1e-5 already moves log π(y_u⁺) b
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -238,16 +239,16 @@ def run_optimizer_step(
     warm_steps: int = 8,
     types: Sequence[str] | None = None,
     float64: bool = True,
+    scales: Sequence[float] = (1.0, 0.3, 0.1, 0.03, 0.01),
 ) -> dict:
     """Predicted vs actual Δ log π of every probe type after one REAL step of a training phase.
 
     The phase (``"sft"`` or ``"dpo"``: :func:`ldjax.lm.train.sft`,
     :func:`ldjax.lm.train.preference`, with ``config``'s optimizer — RMSprop, clipping, warm-up
     schedule) first runs ``warm_steps`` updates from ``params`` so the optimizer's state is not
-    fresh; then step ``warm_steps`` is
-    predicted three ways on the probe sequences of ``probe_record`` (its prompt joined with every
-    probe response) and compared with the step itself (:func:`ldjax.actual_step` with the same
-    optimizer and state):
+    fresh; then step ``warm_steps`` is predicted three ways on the probe sequences of
+    ``probe_record`` (its prompt joined with every probe response) and compared with the step
+    itself (:func:`ldjax.actual_step` with the same optimizer and state):
 
     * ``exact``: :func:`ldjax.decompose` with the optimizer — first order in its actual update;
     * ``kernel``: the optimizer linearised at its state (``K_P`` of its preconditioner + the
@@ -255,11 +256,25 @@ def run_optimizer_step(
     * ``sgd``: a plain SGD step at the phase's current learning rate, what the paper's formula
       predicts if the optimizer is ignored.
 
+    Where the error comes from is measured by more readings of the same step:
+
+    * ``exact_softmax``: the same Δz, read through ``log_softmax(z + Δz) − log_softmax(z)``
+      instead of ``A Δz``: what is left is the network's own nonlinearity in θ;
+    * ``second_order``: Δz to second order in the update (``decompose(..., order=2)``: plus
+      ``½ D²z[Δθ, Δθ]``), read through ``log_softmax``;
+    * the scale sweep: the real update scaled by ``s`` (``optax.chain(tx, optax.scale(s))`` from
+      the same state) against ``s`` times the exact prediction, for every ``s`` in ``scales``. A
+      first-order prediction has a relative error ∝ s; the s at which it falls under 0.05 says
+      how far inside the phase's step the first-order regime ends.
+
     Returns:
       ``types``, per way ``pred_<way>`` (K,) sequence Δ log π, ``actual`` (K,), ``rel_error_<way>``
       (‖pred − actual‖ / ‖actual‖ over the K types), ``sign_agreement_<way>``, ``lr``,
-      ``entk_step`` (:func:`ldjax.compare`'s eNTK-step error of the exact prediction), the phase,
-      the optimizer's name and ``dtype``. JSON-able.
+      ``entk_step`` (:func:`ldjax.compare`'s eNTK-step error of the exact prediction; and
+      ``entk_step_second_order``), the phase, the optimizer's name and ``dtype``; ``scales`` and
+      per scale ``scale_rel_error_exact``, ``scale_rel_error_exact_softmax`` and
+      ``scale_rel_error_second_order``, with ``scale_slope`` (log-log slope of the first over the
+      scales). JSON-able.
     """
     if float64:
         with jax.enable_x64(True):
@@ -273,6 +288,7 @@ def run_optimizer_step(
                 warm_steps=warm_steps,
                 types=types,
                 float64=False,
+                scales=scales,
             )
     if phase not in ("sft", "dpo"):
         raise ValueError(f"phase must be 'sft' or 'dpo', got {phase!r}")
@@ -333,20 +349,36 @@ def run_optimizer_step(
     if phase == "dpo":  # pair_objective takes the loss name as a static keyword
         loss_fn = _bind_loss(kw.pop("loss"))
     exact = decompose(
-        apply_fn, theta, x_o, x_u, loss_fn, loss_kwargs=kw, optimizer=tx, opt_state=state
+        apply_fn, theta, x_o, x_u, loss_fn, loss_kwargs=kw, optimizer=tx, opt_state=state, order=2
     )
+    curv = exact.delta_logits_curvature
+    first = exact.delta_logits - curv
     sgd = decompose(apply_fn, theta, x_o, x_u, loss_fn, loss_kwargs=kw, eta=lr)
     act = actual_step(
         apply_fn, theta, x_o, x_u, loss_fn, loss_kwargs=kw, optimizer=tx, opt_state=state
     )
     seq = lambda dl: sequence_delta(dl, o["targets"], o["mask"])
     z = exact.logits
+    soft = lambda dz: jax.nn.log_softmax(z + dz, axis=-1) - jax.nn.log_softmax(z, axis=-1)
     preds = {
-        "exact": seq(exact.delta_logp_linear),
+        "exact": seq(apply_A(z, first)),
+        "exact_softmax": seq(soft(first)),
+        "second_order": seq(soft(first + curv)),
         "kernel": seq(apply_A(z, exact.delta_logits_kernel)),
         "sgd": seq(sgd.delta_logp_linear),
     }
     a = seq(act.delta_logp)
+    sweep = {"scales": [float(x) for x in scales], "lin": [], "softmax": [], "second": []}
+    for sc in sweep["scales"]:
+        small = optax.scale(sc)
+        act_s = actual_step(
+            apply_fn, theta, x_o, x_u, loss_fn, loss_kwargs=kw,
+            optimizer=optax.chain(tx, small), opt_state=(state, small.init(theta)),
+        )  # fmt: skip
+        a_s = seq(act_s.delta_logp)
+        sweep["lin"].append(_rel_err(seq(apply_A(z, sc * first)), a_s))
+        sweep["softmax"].append(_rel_err(seq(soft(sc * first)), a_s))
+        sweep["second"].append(_rel_err(seq(soft(sc * first + sc**2 * curv)), a_s))
     out = {
         "phase": phase,
         "types": types,
@@ -356,7 +388,13 @@ def run_optimizer_step(
         "optimizer": pc.optimizer,
         "grad_clip": pc.grad_clip,
         "dtype": jnp.dtype(lm.dtype).name,
-        "entk_step": compare(exact, act).entk_step,
+        "entk_step": compare(_first_order(exact), act).entk_step,
+        "entk_step_second_order": compare(exact, act).entk_step,
+        "scales": sweep["scales"],
+        "scale_rel_error_exact": sweep["lin"],
+        "scale_rel_error_exact_softmax": sweep["softmax"],
+        "scale_rel_error_second_order": sweep["second"],
+        "scale_slope": loglog_slope(sweep["scales"], sweep["lin"]),
     }
     for k, p in preds.items():
         out[f"pred_{k}"] = p.tolist()
@@ -365,25 +403,47 @@ def run_optimizer_step(
     return out
 
 
+def _first_order(d):
+    """The decomposition ``d`` without its curvature term (what ``order=1`` returns)."""
+    return dataclasses.replace(d, delta_logits_curvature=None)
+
+
 def format_optimizer_table(steps: dict) -> str:
     """A text table of :func:`run_optimizer_step` results keyed by phase: per phase, the relative
-    error and sign agreement of the three predictions of the real step, then Δ log π per type."""
+    error and sign agreement of the predictions of the real step, the scale sweep, then Δ log π
+    per type."""
     lines = []
     for phase, r in steps.items():
         lines.append(
             f"{phase.upper()}: one real {r['optimizer']} step (lr {r['lr']:.3g}, after "
             f"{r['warm_steps']} warm-up steps, {r['dtype']}); eNTK-step error "
-            f"{r['entk_step']:.3g}"
+            f"{r['entk_step']:.3g} (second order: "
+            f"{r.get('entk_step_second_order', float('nan')):.3g})"
         )
         lines.append(f"{'prediction':>22} {'rel. error':>12} {'sign agreement':>15}")
         for way, what in (
             ("exact", "optimizer, exact"),
+            ("exact_softmax", "exact, softmax not lin."),
+            ("second_order", "2nd order, softmax"),
             ("kernel", "optimizer, K_P"),
             ("sgd", "plain SGD"),
         ):
             lines.append(
                 f"{what:>22} {r['rel_error_' + way]:>12.3g} {r['sign_agreement_' + way]:>15.2f}"
             )
+        if r.get("scales"):
+            lines.append(
+                "the real update scaled by s, against s × the exact prediction "
+                f"(log-log slope {r['scale_slope']:.2f}):"
+            )
+            lines.append(f"{'s':>22} {'rel. error':>12} {'softmax not lin.':>17} {'2nd order':>10}")
+            for sc, e1, e2, e3 in zip(
+                r["scales"],
+                r["scale_rel_error_exact"],
+                r["scale_rel_error_exact_softmax"],
+                r["scale_rel_error_second_order"],
+            ):
+                lines.append(f"{sc:>22g} {e1:>12.3g} {e2:>17.3g} {e3:>10.3g}")
         lines.append(f"{'type':>22} {'exact':>12} {'K_P':>12} {'SGD':>12} {'actual':>12}")
         for j, t in enumerate(r["types"]):
             lines.append(
