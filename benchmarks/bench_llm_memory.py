@@ -28,10 +28,11 @@ per sequence, every sequence ``T`` tokens (prompt + response), Pythia's V = 50,3
 program is lowered and compiled for the CPU and XLA reports its peak memory
 (``memory_analysis``: arguments + outputs + temporaries − aliased) and FLOPs (``cost_analysis``).
 ``--measure``: the programs run on the CPU, random init, each in a fresh subprocess: median
-wall time of 2 runs after a warm-up, and the process's peak RSS (``ru_maxrss``). The ``decomp``
-numbers of the three ``decomp*`` programs (forward mode batched, forward mode chunked, reverse
-mode) are compared with each other; ``tests/test_llm_adapter.py`` checks the algorithm against
-``ldjax.decompose`` through the same adapter.
+wall time of ``--timed`` runs (default 2) after a warm-up, and the process's peak RSS
+(``ru_maxrss``). The ``decomp`` numbers of the three ``decomp*`` programs (forward mode
+batched, forward mode chunked, reverse mode) are compared with each other;
+``tests/test_llm_adapter.py`` checks the algorithm against ``ldjax.decompose`` through the same
+adapter.
 """
 
 from __future__ import annotations
@@ -215,8 +216,8 @@ def analyse(arch: str, t: int, k: int, programs=PROGRAMS, unroll=False) -> dict:
     return out
 
 
-def measure_one(arch: str, t: int, k: int, name: str, check: bool) -> dict:
-    """Run in a subprocess: one program, warm-up + 2 timed runs, peak RSS."""
+def measure_one(arch: str, t: int, k: int, name: str, check: bool, timed: int = 2) -> dict:
+    """Run in a subprocess: one program, warm-up + ``timed`` timed runs, peak RSS."""
     cfg = llm.gpt_neox_config(arch)
     f, theta = llm.from_penzai(llm.build_gpt_neox(cfg))
     tx = optax.adam(1e-5)
@@ -227,13 +228,15 @@ def measure_one(arch: str, t: int, k: int, name: str, check: bool) -> dict:
     copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
     ts = []
     out = None
-    for _ in range(3):
+    for _ in range(1 + timed):
         args = _args(name, copy(theta) if name == "step" else theta, copy(state), pair, ref, probes)
         t0 = time.perf_counter()
         out = jax.block_until_ready(prog(*args))
         ts.append(time.perf_counter() - t0)
     res = {
         "time_s": float(np.median(ts[1:])),
+        "times_s": ts[1:],
+        "first_s": ts[0],
         "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_before_bytes": rss0,
     }
@@ -242,10 +245,10 @@ def measure_one(arch: str, t: int, k: int, name: str, check: bool) -> dict:
     return res
 
 
-def measure(arch: str, t: int, k: int, check: bool, programs=PROGRAMS) -> dict:
-    out = {"arch": arch, "T": t, "K": k}
+def measure(arch: str, t: int, k: int, check: bool, programs=PROGRAMS, timed: int = 2) -> dict:
+    out = {"arch": arch, "T": t, "K": k, "timed": timed}
     for name in programs:
-        cmd = [sys.executable, __file__, "--_one", f"{arch}:{t}:{k}:{name}:{int(check)}"]
+        cmd = [sys.executable, __file__, "--_one", f"{arch}:{t}:{k}:{name}:{int(check)}:{timed}"]
         r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if r.returncode:
             raise SystemExit(f"{name} at {arch} T={t} failed:\n{r.stderr[-3000:]}")
@@ -331,8 +334,10 @@ def tables(analysed, measured, k) -> str:
         ]
         lines.append("")
     if measured:
+        runs = sorted({m.get("timed", 2) for m in measured})
         lines += [
-            "## Measured on the CPU (random init; median of 2 after a warm-up; "
+            "## Measured on the CPU (random init; median of "
+            f"{'/'.join(map(str, runs))} timed run(s) after a warm-up; "
             "peak RSS of a fresh process)",
             "",
             "| model | T | program | time s | × step | peak RSS GiB | × step "
@@ -373,11 +378,17 @@ def main(argv=None):
     ap.add_argument("--tables-from", default=None, help="print the tables of these --json files")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--timed", type=int, default=2, help="--measure: timed runs after the warm-up (median)"
+    )
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.timed < 1:
+        ap.error(f"--timed must be >= 1, got {a.timed}")
     if a._one:
-        arch, t, k, name, check = a._one.split(":")
-        print(json.dumps(measure_one(arch, int(t), int(k), name, bool(int(check)))))
+        arch, t, k, name, check, timed = a._one.split(":")
+        res = measure_one(arch, int(t), int(k), name, bool(int(check)), int(timed))
+        print(json.dumps(res))
         return
     progs = tuple(a.programs.split(","))
     if a.tables_from:
@@ -392,7 +403,7 @@ def main(argv=None):
         analyse(*_spec(s, a.probes), a.probes, progs, a.unroll) for s in a.analyse.split(",") if s
     ]
     measured = [
-        measure(*_spec(s, a.probes), a.probes, check=(i == 0), programs=progs)
+        measure(*_spec(s, a.probes), a.probes, check=(i == 0), programs=progs, timed=a.timed)
         for i, s in enumerate(a.measure.split(","))
         if s
     ]
