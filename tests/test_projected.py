@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import small_model
 
 import ldjax
-from tests.conftest import small_model
 
 SEEDS = 120
 
