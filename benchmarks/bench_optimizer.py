@@ -116,36 +116,23 @@ def main(argv=None):
         for oname, tx in c["opts"].items():
             p, s = state_after(c, tx)
             run = (c["f"], p, c["x_o"], c["x_u"], c["loss"])
-            plain, aware, ratio = interleaved(
-                lambda run=run, c=c: (
-                    ldjax.decompose(*run, eta=c["eta"], loss_kwargs=c["kw"]).delta_logits
-                ),
-                lambda run=run, c=c, s=s, tx=tx: (
-                    ldjax.decompose(
-                        *run, optimizer=tx, opt_state=s, loss_kwargs=c["kw"]
-                    ).delta_logits
-                ),
-                args.repeats,
-            )
-            row = dict(case=name, optimizer=oname, plain=plain, aware=aware,
-                       ratio_median=aware[1] / plain[1], ratio_paired=ratio)  # fmt: skip
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            plain, aware, ratio = interleaved(
-                lambda run=run, c=c: (
-                    ldjax.decompose(*run, eta=c["eta"], loss_kwargs=c["kw"]).delta_logits
-                ),
-                lambda run=run, c=c, s=s, tx=tx: (
-                    ldjax.decompose(
-                        *run, optimizer=tx, opt_state=s, loss_kwargs=c["kw"], order=2
-                    ).delta_logits
-                ),
-                args.repeats,
-            )
-            row = dict(case=name, optimizer=oname + ", order 2", plain=plain, aware=aware,
-                       ratio_median=aware[1] / plain[1], ratio_paired=ratio)  # fmt: skip
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for order in (1, 2):
+                plain, aware, ratio = interleaved(
+                    lambda run=run, c=c: (
+                        ldjax.decompose(*run, eta=c["eta"], loss_kwargs=c["kw"]).delta_logits
+                    ),
+                    lambda run=run, c=c, s=s, tx=tx, order=order: (
+                        ldjax.decompose(
+                            *run, optimizer=tx, opt_state=s, loss_kwargs=c["kw"], order=order
+                        ).delta_logits
+                    ),
+                    args.repeats,
+                )
+                label = oname if order == 1 else f"{oname}, order 2"
+                row = dict(case=name, optimizer=label, plain=plain, aware=aware,
+                           ratio_median=aware[1] / plain[1], ratio_paired=ratio)  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     print("\n| case | optimizer | plain decompose (s) min/med/max | optimizer-aware (s) "
           "min/med/max | ratio of medians | median paired ratio |")  # fmt: skip
     print("|---|---|---|---|---|---|")
