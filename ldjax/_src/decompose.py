@@ -131,7 +131,8 @@ def _predict_optimizer(
     apply_fn, loss_fn, optimizer, variables, opt_state, x_o, xs, logits_u, loss_kwargs, carry=True
 ):
     """The optimizer's step split into its causes (:func:`update_parts`), all seen on x_o through
-    one batched JVP of the logits (``carry=False``: the carry-over is exactly zero and skipped)."""
+    one batched JVP of the logits (``carry=False``: the carry-over is exactly zero and skipped);
+    also the update Δθ = U(g) itself, for :func:`_curvature`."""
     f, params = trainable_fn(apply_fn, variables)
     g = logit_gradient(loss_fn, *logits_u, **loss_kwargs)
     g = g if isinstance(g, tuple) else (g,)
@@ -148,21 +149,29 @@ def _predict_optimizer(
     dz = jax.vmap(jvp_o)(parts)
     n = len(terms)
     dz_carry = dz[n + 1] if carry else jnp.zeros_like(dz[n])
-    return g, tuple(dz[:n]), dz_carry, dz[n], loss_fn(*logits_u, **loss_kwargs)
+    return g, tuple(dz[:n]), dz_carry, dz[n], loss_fn(*logits_u, **loss_kwargs), exact
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _curvature(apply_fn, loss_fn, optimizer, variables, opt_state, x_o, xs, loss_kwargs, eta):
-    """``½ D²z(x_o)[Δθ, Δθ]`` along the step's update Δθ (``−η ∇θ Σ L`` for SGD, else the
-    optimizer's ``U(g)``): forward over forward, one JVP of a JVP of the logits of x_o."""
+@functools.partial(jax.jit, static_argnums=(0,))
+def _curvature(apply_fn, variables, x_o, delta):
+    """``½ D²z(x_o)[Δθ, Δθ]`` along the step's update ``delta``: forward over forward, one JVP of
+    a JVP of the logits of x_o."""
     f, params = trainable_fn(apply_fn, variables)
-    grads = jax.grad(lambda p: jnp.sum(loss_fn(*(f(p, x) for x in xs), **loss_kwargs)))(params)
-    if optimizer is None:
-        delta = jax.tree_util.tree_map(lambda g: -eta * g, grads)
-    else:
-        delta = optimizer.update(grads, opt_state, params)[0]
     along = lambda p: jax.jvp(lambda q: f(q, x_o), (p,), (delta,))[1]
     return 0.5 * jax.jvp(along, (params,), (delta,))[1]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _sgd_update(apply_fn, variables, xs, g, eta):
+    """The plain SGD update ``−η Σ_b J_bᵀ G_b`` from the residuals G already computed (one VJP
+    per branch: the K·G kernel keeps its own direction inside its program)."""
+    f, params = trainable_fn(apply_fn, variables)
+    total = None
+    for x, gb in zip(xs, g):
+        _, vjp = jax.vjp(lambda p, x=x: f(p, x), params)
+        (d,) = vjp(gb.astype(jax.eval_shape(f, params, x).dtype))
+        total = d if total is None else jax.tree_util.tree_map(jnp.add, total, d)
+    return jax.tree_util.tree_map(lambda d: -eta * d, total)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -287,18 +296,17 @@ def decompose(
         if opt_state is None:
             opt_state = optimizer.init(p)
         with_carry = not bool(_carry_is_zero(optimizer, opt_state, p))
-        g, terms, carry, rest, loss = _predict_optimizer(
+        g, terms, carry, rest, loss, update = _predict_optimizer(
             apply_fn, loss_fn, optimizer, params, opt_state, x_o, xs, logits_u, kw, with_carry
         )
-        if method == "blocks":
+        if method == "blocks":  # K_P blocks for the terms; the remainder keeps the exact J_o U(g)
+            exact = sum(terms[1:], terms[0]) + carry + rest
             pre = preconditioner(optimizer, opt_state, p)
             terms = tuple(
                 -_block_term(apply_fn, params, x_o, x, gb, shape, implementation, pre)
                 for x, gb, shape in zip(xs, g, shapes)
             )
-            rest = _exact_minus(
-                apply_fn, loss_fn, optimizer, params, opt_state, x_o, xs, logits_u, kw, terms, carry
-            )
+            rest = exact - carry - sum(terms[1:], terms[0])
         names = [
             (gb, f"G of x_u[{k}] (the loss's gradient on the logits)") for k, gb in enumerate(g)
         ]
@@ -308,7 +316,7 @@ def decompose(
         names += [(carry, "the optimizer's carry-over on x_o"), (rest, "the optimizer's remainder")]
         curv = None
         if order == 2:
-            curv = _curvature(apply_fn, loss_fn, optimizer, params, opt_state, x_o, xs, kw, None)
+            curv = _curvature(apply_fn, params, x_o, update)
             names.append((curv, "the curvature term ½ D²z[Δθ, Δθ] on x_o"))
         validate.check_flags(
             validate.finite_flags(
@@ -342,7 +350,7 @@ def decompose(
     )
     curv = None
     if order == 2:
-        curv = _curvature(apply_fn, loss_fn, None, params, None, x_o, xs, kw, eta)
+        curv = _curvature(apply_fn, params, x_o, _sgd_update(apply_fn, params, xs, g, eta))
         validate.check_flags(
             validate.finite_flags((curv,)),
             [(curv, "the curvature term ½ D²z[Δθ, Δθ] on x_o", inside)],
@@ -355,14 +363,3 @@ def _block_term(apply_fn, params, x_o, x, gb, shape, implementation, pre=None):
     K = entk(apply_fn, params, x_o, x, implementation=implementation, preconditioner=pre)
     spec = "oumlij,ulj->omi" if len(shape) == 3 else "ouij,uj->oi"
     return jnp.einsum(spec, K, gb)
-
-
-def _exact_minus(
-    apply_fn, loss_fn, optimizer, params, opt_state, x_o, xs, logits_u, kw, terms, carry
-):
-    """The remainder ``J_o U(g) − carry − Σ terms`` for block terms."""
-    _, vp_terms, vp_carry, vp_rest, _ = _predict_optimizer(
-        apply_fn, loss_fn, optimizer, params, opt_state, x_o, xs, logits_u, kw
-    )
-    exact = sum(vp_terms[1:], vp_terms[0]) + vp_carry + vp_rest
-    return exact - carry - sum(terms[1:], terms[0])
