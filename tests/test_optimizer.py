@@ -174,6 +174,53 @@ def test_dpo_terms_stay_apart_and_sum_with_the_carry_to_the_update():
             f, p, x_o, (x_u, x_neg), losses.dpo, loss_kwargs=kw, optimizer=tx, opt_state=state
         )
         assert ldjax.compare(d, a).entk_step < 1e-2
+        # split=False: the same prediction from one JVP of both branches' summed update
+        whole = ldjax.decompose(
+            f, p, x_o, (x_u, x_neg), losses.dpo, loss_kwargs=kw, optimizer=tx, opt_state=state,
+            split=False,
+        )  # fmt: skip
+        assert rel(whole.delta_logits, d.delta_logits) < 1e-12
+        assert len(whole.G) == 2 and rel(whole.G[1], d.G[1]) == 0.0
+
+
+@pytest.mark.slow  # 9 s on 2 quiet cores
+def test_unsplit_update_is_the_sum_of_the_causes():
+    """split=False: J_o U(g) in one JVP equals terms + carry + remainder (Adam, with the state's
+    first moment and the nonlinear second moment), at order 1 and 2; bad combinations are errors."""
+    with precision("float64"):
+        f, p, x_o, x_u = small_model("mlp", "float64")
+        y = jnp.array([1, 3])
+        tx = optax.adamw(1e-3, weight_decay=0.01)
+        state = _warm_state(tx, f, p, x_u[::-1], y)
+        kw = dict(loss_kwargs=dict(targets=y), optimizer=tx, opt_state=state)
+        for order in (1, 2):
+            d = ldjax.decompose(f, p, x_o, x_u, losses.sft, order=order, **kw)
+            whole = ldjax.decompose(f, p, x_o, x_u, losses.sft, order=order, split=False, **kw)
+            # all three causes are there and large: the sum is not a single part in disguise
+            for part in (d.delta_logits_terms[0], d.delta_logits_carry, d.delta_logits_remainder):
+                assert float(jnp.linalg.norm(part)) > 1e-3 * float(jnp.linalg.norm(d.delta_logits))
+            assert rel(whole.delta_logits, d.delta_logits) < 1e-12
+            assert (
+                rel(
+                    whole.delta_logits_update,
+                    d.delta_logits - (d.delta_logits_curvature if order == 2 else 0.0),
+                )
+                < 1e-12
+            )
+            assert whole.delta_logits_terms == () and whole.delta_logits_carry is None
+            a = ldjax.actual_step(f, p, x_o, x_u, losses.sft, **kw)
+            assert ldjax.compare(whole, a).entk_step == pytest.approx(
+                ldjax.compare(d, a).entk_step, rel=1e-9
+            )
+        with pytest.raises(ValueError, match="split=False"):
+            whole.delta_logits_kernel  # noqa: B018
+        sft = dict(loss_kwargs=kw["loss_kwargs"])
+        with pytest.raises(ValueError, match="split=False is for an optimizer"):
+            ldjax.decompose(f, p, x_o, x_u, losses.sft, eta=0.1, split=False, **sft)
+        with pytest.raises(ValueError, match="no K blocks"):
+            ldjax.decompose(f, p, x_o, x_u, losses.sft, method="blocks", split=False, **kw)
+        with pytest.raises(ValueError, match="split must be True or False"):
+            ldjax.decompose(f, p, x_o, x_u, losses.sft, split=0, **kw)
 
 
 @pytest.mark.slow  # > 4 s on 2 quiet cores: the fast tier stays under 3 min

@@ -80,16 +80,7 @@ def compare(predicted: Decomposition, actual: ActualStep, mask: Any | None = Non
     z_act = np.asarray(actual.logits, np.float64)
     z_after = np.asarray(actual.logits_after, np.float64)
     dz_a = z_after - z_act
-    parts = list(predicted.delta_logits_terms)
-    extras = (
-        predicted.delta_logits_carry,
-        predicted.delta_logits_remainder,
-        predicted.delta_logits_curvature,
-    )
-    for extra in extras:
-        if extra is not None:  # an optimizer's carry-over, the part not linear in g, order 2
-            parts.append(extra)
-    dz_p = sum(np.asarray(t, np.float64) for t in parts)
+    dz_p = sum(np.asarray(t, np.float64) for t in predicted.parts)
     dl_a = _log_softmax(z_after) - _log_softmax(z_act)
     lin_a = _apply_A(z_act, dz_a)
     lin_p = _apply_A(z, dz_p)

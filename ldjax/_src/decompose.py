@@ -32,6 +32,7 @@ from ldjax._src.trainable import branches, trainable_fn
         "delta_logits_carry",
         "delta_logits_remainder",
         "delta_logits_curvature",
+        "delta_logits_update",
     ],
     meta_fields=["eta"],
 )
@@ -56,6 +57,9 @@ class Decomposition:
       delta_logits_curvature: with ``order=2``, ``½ D²z(x_o)[Δθ, Δθ]``: the second-order term of
         the logits along the step's whole update Δθ (the curvature of the network, not of the
         softmax: read Δlog π through :attr:`delta_logp_exact` for that). Else None.
+      delta_logits_update: with an optimizer and ``split=False``, the whole first-order
+        prediction ``J_o U(g)`` in one piece; ``delta_logits_terms`` is then ``()`` and the carry
+        and remainder None (the causes were not computed). Else None.
     """
 
     logits: jax.Array
@@ -66,24 +70,43 @@ class Decomposition:
     delta_logits_carry: jax.Array | None = None
     delta_logits_remainder: jax.Array | None = None
     delta_logits_curvature: jax.Array | None = None
+    delta_logits_update: jax.Array | None = None
+
+    @property
+    def parts(self) -> tuple:
+        """The additive pieces of :attr:`delta_logits`, each ``(N_o, [T,] V)``: the terms per
+        branch, then whichever of the carry-over, the remainder, the unsplit update and the
+        curvature term were computed."""
+        extras = (
+            self.delta_logits_carry,
+            self.delta_logits_remainder,
+            self.delta_logits_update,
+            self.delta_logits_curvature,
+        )
+        return tuple(self.delta_logits_terms) + tuple(e for e in extras if e is not None)
 
     @property
     def delta_logits(self) -> jax.Array:
         """Predicted Δz(x_o), ``(N_o, [T,] V)``: ``−η Σ_b K G_b`` for SGD; with an optimizer the
-        exact update's ``J_o U(g)`` = the terms + the carry-over + the remainder; with
-        ``order=2`` plus the curvature term ``½ D²z[Δθ, Δθ]``."""
-        d = sum(self.delta_logits_terms[1:], self.delta_logits_terms[0])
-        extras = (self.delta_logits_carry, self.delta_logits_remainder, self.delta_logits_curvature)
-        for extra in extras:
-            if extra is not None:
-                d = d + extra
-        return d
+        exact update's ``J_o U(g)`` = the terms + the carry-over + the remainder (or the unsplit
+        update); with ``order=2`` plus the curvature term ``½ D²z[Δθ, Δθ]``."""
+        parts = self.parts
+        return sum(parts[1:], parts[0])
 
     @property
     def delta_logits_kernel(self) -> jax.Array:
         """The kernel prediction ``Σ_b −K_P G_b`` (+ the carry-over): the optimizer linearised at
         its state, without the remainder (and first order: no curvature term). Equals
-        :attr:`delta_logits` for SGD at ``order=1``."""
+        :attr:`delta_logits` for SGD at ``order=1``.
+
+        Raises:
+          ValueError: the decomposition was made with ``split=False`` (no kernel terms).
+        """
+        if not self.delta_logits_terms:
+            raise ValueError(
+                "this decomposition was made with split=False: it holds the whole update "
+                "J_o U(g) only, not the kernel terms; call decompose(..., split=True)"
+            )
         d = sum(self.delta_logits_terms[1:], self.delta_logits_terms[0])
         return d if self.delta_logits_carry is None else d + self.delta_logits_carry
 
@@ -126,6 +149,29 @@ def _carry_is_zero(optimizer, opt_state, params):
     return jnp.all(jnp.asarray([jnp.all(a == 0) for a in jax.tree_util.tree_leaves(carry)]))
 
 
+def _branch_grads(f, params, xs, g) -> tuple:
+    """``J_bᵀ G_b`` per branch: the loss's gradient in parameter space, one VJP per branch."""
+    grads = []
+    for x, gb in zip(xs, g):
+        _, vjp = jax.vjp(lambda p, x=x: f(p, x), params)
+        grads.append(vjp(gb.astype(jax.eval_shape(f, params, x).dtype))[0])
+    return tuple(grads)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _predict_update(apply_fn, loss_fn, optimizer, variables, opt_state, x_o, xs, logits_u, kw):
+    """``split=False``: only the whole update seen on x_o, ``J_o U(g)``, one JVP (the causes
+    would need one JVP each)."""
+    f, params = trainable_fn(apply_fn, variables)
+    g = logit_gradient(loss_fn, *logits_u, **kw)
+    g = g if isinstance(g, tuple) else (g,)
+    grads = _branch_grads(f, params, xs, g)
+    total = jax.tree_util.tree_map(lambda *a: sum(a[1:], a[0]), *grads)
+    update = optimizer.update(total, opt_state, params)[0]
+    dz = jax.jvp(lambda p: f(p, x_o), (params,), (update,))[1]
+    return g, dz, loss_fn(*logits_u, **kw), update
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 9))
 def _predict_optimizer(
     apply_fn, loss_fn, optimizer, variables, opt_state, x_o, xs, logits_u, loss_kwargs, carry=True
@@ -136,11 +182,7 @@ def _predict_optimizer(
     f, params = trainable_fn(apply_fn, variables)
     g = logit_gradient(loss_fn, *logits_u, **loss_kwargs)
     g = g if isinstance(g, tuple) else (g,)
-    grads = []
-    for x, gb in zip(xs, g):
-        _, vjp = jax.vjp(lambda p, x=x: f(p, x), params)
-        grads.append(vjp(gb.astype(jax.eval_shape(f, params, x).dtype))[0])
-    terms, u0, exact = update_parts(optimizer, opt_state, params, tuple(grads))
+    terms, u0, exact = update_parts(optimizer, opt_state, params, _branch_grads(f, params, xs, g))
     # the remainder in parameter space, then every part through one batched JVP of x_o
     rest = jax.tree_util.tree_map(lambda e, c, *t: e - c - sum(t[1:], t[0]), exact, u0, *terms)
     parts = (*terms, rest, u0) if carry else (*terms, rest)
@@ -166,12 +208,8 @@ def _sgd_update(apply_fn, variables, xs, g, eta):
     """The plain SGD update ``−η Σ_b J_bᵀ G_b`` from the residuals G already computed (one VJP
     per branch: the K·G kernel keeps its own direction inside its program)."""
     f, params = trainable_fn(apply_fn, variables)
-    total = None
-    for x, gb in zip(xs, g):
-        _, vjp = jax.vjp(lambda p, x=x: f(p, x), params)
-        (d,) = vjp(gb.astype(jax.eval_shape(f, params, x).dtype))
-        total = d if total is None else jax.tree_util.tree_map(jnp.add, total, d)
-    return jax.tree_util.tree_map(lambda d: -eta * d, total)
+    grads = _branch_grads(f, params, xs, g)
+    return jax.tree_util.tree_map(lambda *d: -eta * sum(d[1:], d[0]), *grads)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -198,6 +236,7 @@ def decompose(
     optimizer: optax.GradientTransformation | None = None,
     opt_state: Any = None,
     order: int = 1,
+    split: bool = True,
 ) -> Decomposition:
     """Predicts the change of z(x_o) and log π(x_o) after one step on the loss at x_u: plain SGD at
     rate ``eta``, or the real update of an optax ``optimizer`` from its state ``opt_state``.
@@ -228,6 +267,12 @@ def decompose(
         use it when one real step is outside the first-order regime (large learning rates,
         adaptive optimizers early in training); read Δlog π through
         :attr:`Decomposition.delta_logp_exact` to drop the softmax's linearisation too.
+      split: with an optimizer, report the update in its causes (True: one JVP on x_o per
+        cause: each branch's preconditioned gradient, the carry-over when the state has one, the
+        remainder) or only the whole prediction ``J_o U(g)`` (False: one JVP, about the cost of
+        the plain SGD prediction; :attr:`Decomposition.delta_logits_update`). The same
+        :attr:`Decomposition.delta_logits` either way. Use False where only the predicted change
+        is wanted, e.g. many x_u against one x_o under Adam.
     Returns:
       A :class:`Decomposition`.
     Raises:
@@ -272,6 +317,15 @@ def decompose(
         raise ValueError(f"method must be 'vp' or 'blocks', got {method!r}")
     if order not in (1, 2) or isinstance(order, bool):
         raise ValueError(f"order must be 1 or 2, got {order!r}")
+    if not isinstance(split, bool):
+        raise ValueError(f"split must be True or False, got {split!r}")
+    if not split and optimizer is None:
+        raise ValueError(
+            "split=False is for an optimizer's update (its causes cost one JVP each); the "
+            "plain SGD prediction has one term per branch already"
+        )
+    if not split and method == "blocks":
+        raise ValueError("split=False computes J_o U(g) directly: it has no K blocks; use 'vp'")
     xs = branches(x_u)
     kw = dict(loss_kwargs or {})
     validate.check_branches(loss_fn, kw, len(xs))
@@ -295,6 +349,26 @@ def decompose(
     if optimizer is not None:
         if opt_state is None:
             opt_state = optimizer.init(p)
+        if not split:
+            g, dz, loss, update = _predict_update(
+                apply_fn, loss_fn, optimizer, params, opt_state, x_o, xs, logits_u, kw
+            )
+            names = [
+                (gb, f"G of x_u[{k}] (the loss's gradient on the logits)") for k, gb in enumerate(g)
+            ]
+            names.append((dz, "the predicted Δz on x_o (J_o U(g), the optimizer's update)"))
+            curv = None
+            if order == 2:
+                curv = _curvature(apply_fn, params, x_o, update)
+                names.append((curv, "the curvature term ½ D²z[Δθ, Δθ] on x_o"))
+            validate.check_flags(
+                validate.finite_flags(tuple(a for a, _ in names)),
+                [(a, name, None) for a, name in names],
+            )
+            return Decomposition(
+                logits_o, tuple(g), (), loss, None,
+                delta_logits_curvature=curv, delta_logits_update=dz,
+            )  # fmt: skip
         with_carry = not bool(_carry_is_zero(optimizer, opt_state, p))
         g, terms, carry, rest, loss, update = _predict_optimizer(
             apply_fn, loss_fn, optimizer, params, opt_state, x_o, xs, logits_u, kw, with_carry
