@@ -3,7 +3,10 @@
 import contextlib
 import functools
 import gc
+import importlib.util
 import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,33 @@ import numpy as np
 from ldjax import zoo
 
 SHARED_DATA = os.environ.get("LDJAX_DATA")
+
+# One persistent XLA compilation cache per test session, shared by the xdist workers (they inherit
+# this process's environment) and by the subprocesses that the CLI, kill and notebook tests start:
+# most of the slow tier's time is compiling, and many tests compile the same programs in other
+# processes. A cached executable is the one XLA compiled, so no number changes. The size cap turns
+# on jax's file lock (the filelock package, a test dependency), so that no process reads a
+# half-written entry. The process that made the folder removes it at the end (pytest_unconfigure).
+# LDJAX_TEST_XLA_CACHE=0 turns the cache off; a JAX_COMPILATION_CACHE_DIR already set is kept.
+XLA_CACHE_MADE = None
+if (
+    os.environ.get("LDJAX_TEST_XLA_CACHE", "1") != "0"
+    and "JAX_COMPILATION_CACHE_DIR" not in os.environ
+    and importlib.util.find_spec("filelock")
+):
+    XLA_CACHE_MADE = tempfile.mkdtemp(prefix="ldjax-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = XLA_CACHE_MADE
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    # this process read its environment when it imported jax, above
+    jax.config.update("jax_compilation_cache_dir", XLA_CACHE_MADE)
+    jax.config.update(
+        "jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"])
+    )
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs",
+        float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+    )
 
 
 def rel(a, b):
@@ -144,3 +174,8 @@ def pytest_runtest_teardown(item):
 
         jax.clear_caches()
         gc.collect()
+
+
+def pytest_unconfigure(config):
+    if XLA_CACHE_MADE is not None and "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(XLA_CACHE_MADE, ignore_errors=True)
