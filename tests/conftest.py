@@ -30,18 +30,13 @@ if (
     and importlib.util.find_spec("filelock")
 ):
     XLA_CACHE_MADE = tempfile.mkdtemp(prefix="ldjax-xla-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = XLA_CACHE_MADE
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-    # this process read its environment when it imported jax, above
-    jax.config.update("jax_compilation_cache_dir", XLA_CACHE_MADE)
-    jax.config.update(
-        "jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"])
-    )
-    jax.config.update(
-        "jax_persistent_cache_min_compile_time_secs",
-        float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
-    )
+    for _name, _value in {
+        "jax_compilation_cache_dir": XLA_CACHE_MADE,
+        "jax_compilation_cache_max_size": 8 << 30,
+        "jax_persistent_cache_min_compile_time_secs": 0.2,
+    }.items():
+        os.environ[_name.upper()] = str(_value)  # for the processes started from here
+        jax.config.update(_name, _value)  # this one read its environment at `import jax`
 
 
 def rel(a, b):
